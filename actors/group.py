@@ -192,11 +192,16 @@ class WeightSync:
         ]
         gather(refs)
 
+    def submit(self) -> list[ray.ObjectRef]:
+        """Queue a transfer of the policy's weights to every engine (behind whatever each actor
+        is already running, e.g. the train step that produces them); refs of the tensors sent /
+        received per actor."""
+        sent = self.policy.call(lambda a: a.broadcast_weights.remote())
+        return sent + self.rollout.call(lambda a: a.receive_weights.remote(self.specs))
+
     def push(self) -> list[int]:
         """Send the policy's current weights to every engine; returns tensors sent / received."""
-        sent = self.policy.call(lambda a: a.broadcast_weights.remote())
-        received = self.rollout.call(lambda a: a.receive_weights.remote(self.specs))
-        return gather(sent + received)
+        return gather(self.submit())
 
 
 def rank0_address(placement, bundle_index: int = 0) -> str:

@@ -23,10 +23,11 @@ import torch
 import torch.distributed as dist
 
 from actors.base import RankInfo, Worker
-from actors.weight_sync import lora_delta, merged_named_weights, open_group
+from actors.weight_sync import BucketSender, lora_delta, merged_named_weights, open_group
 from rlhf.config import RunConfig, TrainConfig
 from rlhf.models import load_model, load_tokenizer, merge_lora, write_adapter_info
 from rlhf.objectives import (
+    KLPenalty,
     RefLogps,
     metric_sums,
     model_kind,
@@ -219,11 +220,20 @@ class DeepSpeedTrainer(Worker):
         return metric_sums(objective_for(self.cfg, self.role), self.engine, pairs, self.cfg)
 
     @torch.no_grad()
-    def forward(self, sequences: list[tuple[torch.Tensor, torch.Tensor]]) -> list[torch.Tensor]:
+    def forward(
+        self, sequences: list[tuple[torch.Tensor, torch.Tensor]], start: int = 0
+    ) -> list[torch.Tensor]:
         """Per-token outputs [B, T-1] for (input_ids, attention_mask) pairs, on the CPU: next-token
-        log-probs for the policy, values for the critic (ZeRO-3: every rank must call it)."""
+        log-probs for the policy (0 before column `start`), values for the critic (every
+        column). ZeRO-3: every rank must call it."""
         self.engine.eval()
-        fn = token_values if self.role == "critic" else token_logps
+        if self.role == "critic":
+            fn = token_values
+        else:
+
+            def fn(model, ids, mask):
+                return token_logps(model, ids, mask, start)
+
         return [
             fn(self.engine, ids.to(self.device), mask.to(self.device)).float().cpu()
             for ids, mask in sequences
@@ -319,9 +329,14 @@ class DeepSpeedTrainer(Worker):
         return specs
 
     def init_weight_sync(self, addr: str, port: int, world_size: int) -> None:
-        """Rank 0 joins the sync group as its rank 0; other ranks only help gather."""
-        self.sync_group = (
-            open_group(addr, port, world_size, 0, self.device) if self.info.rank == 0 else None
+        """Rank 0 joins the sync group as its rank 0 (and packs the buckets); other ranks only
+        help gather."""
+        self.sync_sender = (
+            BucketSender(
+                open_group(addr, port, world_size, 0, self.device), self.weight_specs(), self.device
+            )
+            if self.info.rank == 0
+            else None
         )
 
     @torch.no_grad()
@@ -331,7 +346,9 @@ class DeepSpeedTrainer(Worker):
         import deepspeed
 
         zero3 = self.cfg.train.zero_stage == 3
-        sent = 0
+        sender = self.sync_sender
+        if sender is not None:
+            sender.begin()
         for _, p, lora in merged_named_weights(self.engine.module):
             params = [p] + (list(_lora_params(lora)) if lora is not None else [])
             ctx = (
@@ -340,11 +357,9 @@ class DeepSpeedTrainer(Worker):
                 else contextlib.nullcontext()
             )
             with ctx:
-                if self.info.rank == 0:
-                    tensor = p.data if lora is None else p.data + lora_delta(lora).to(p.dtype)
-                    self.sync_group.broadcast(tensor.contiguous(), 0).wait()
-                    sent += 1
-        return sent
+                if sender is not None:
+                    sender.add(p.data if lora is None else p.data + lora_delta(lora).to(p.dtype))
+        return sender.finish() if sender is not None else 0
 
     @torch.no_grad()
     def greedy_generate(self, prompts, max_new_tokens: int) -> torch.Tensor:
@@ -410,7 +425,7 @@ def _indices(batch) -> list[int]:
     return [int(i) for i in index] if index is not None else []
 
 
-def _ref_to(ref: RefLogps | None, device: str) -> RefLogps | None:
-    if ref is None:
-        return None
+def _ref_to(ref: RefLogps | KLPenalty | None, device: str) -> RefLogps | KLPenalty | None:
+    if ref is None or isinstance(ref, KLPenalty):  # KLPenalty: fetched and moved when used
+        return ref
     return RefLogps(ref.logps.to(device), None if ref.kl_logps is None else ref.kl_logps.to(device))

@@ -38,6 +38,7 @@ from rlhf.data.collate import pad
 from rlhf.experience import compute_advantages
 from rlhf.kl import make_kl_controller
 from rlhf.models import load_tokenizer
+from rlhf.objectives import KLPenalty
 from rlhf.types import Experience
 
 #: Rollout seed "step" of evaluation generations (fixed: before/after use the same draws).
@@ -65,6 +66,8 @@ class RewardGroup(ActorGroup[RewardModel]):
 
 def merge_rollouts(parts: list[Rollout], pad_id: int) -> Rollout:
     """Concatenate rollouts of several engines (prompt widths left-aligned to the widest)."""
+    if len(parts) == 1:
+        return parts[0]
 
     def left(rows: list[torch.Tensor], value) -> torch.Tensor:
         return pad([r.tolist() for t in rows for r in t], value, left=True, dtype=rows[0].dtype)
@@ -149,6 +152,18 @@ def plot_metrics(metrics_file: Path, png: Path) -> Path | None:
 def _rows(refs) -> torch.Tensor | None:
     """Per-rank lists of micro-batch outputs, back in row order (None when no group)."""
     return None if refs is None else torch.cat([t for rank in gather(refs) for t in rank])
+
+
+class DeferredRows:
+    """Rows of per-token outputs an actor group may still be computing (its call's refs: per
+    rank, a list of micro-batch tensors); get() waits for them, wherever it is called. Refs
+    nested in an argument reach the receiving actor unresolved, so it can start first."""
+
+    def __init__(self, refs: list, rows: torch.Tensor):
+        self.refs, self.rows = refs, rows
+
+    def get(self) -> torch.Tensor:
+        return _rows(self.refs)[self.rows]
 
 
 def _chunks(n: int, size: int) -> list[slice]:
@@ -243,15 +258,19 @@ class OnlineRun:
 
     # ------------------------------------------------------------------ one step
 
-    def generate(self, step: int) -> Rollout:
+    def submit_generate(self, step: int) -> list:
+        """Queue step `step`'s rollout on the engines (behind a queued weight sync, if any)."""
         indices = self.plan.step_indices(step)
         engines = self.rollout.world_size
         shards = [indices[e::engines] for e in range(engines)]
         batches = [self.collate([self.prompts[i] for i in s]) for s in shards]
-        parts = self.rollout.gather(
-            self.rollout.call_each(lambda a, b: a.generate.remote(b, step), batches)
-        )
-        return merge_rollouts(parts, self.tokenizer.pad_token_id)
+        return self.rollout.call_each(lambda a, b: a.generate.remote(b, step), batches)
+
+    def collect_rollout(self, refs: list) -> Rollout:
+        return merge_rollouts(self.rollout.gather(refs), self.tokenizer.pad_token_id)
+
+    def generate(self, step: int) -> Rollout:
+        return self.collect_rollout(self.submit_generate(step))
 
     def _split_for(self, group: ActorGroup, ids, attention) -> list[list[tuple]]:
         """Rows split evenly over the group's ranks, in micro-batches."""
@@ -310,28 +329,62 @@ class OnlineRun:
         rows = [row[m].tolist() for row, m in zip(r.response_ids, r.response_mask, strict=True)]
         return self.tokenizer.batch_decode(rows, skip_special_tokens=True)
 
+    @property
+    def kl_in_loss(self) -> bool:
+        return self.cfg.ppo.kl_penalty == "loss" and self.reference is not None
+
+    @property
+    def needs_old_logps(self) -> bool:
+        """A separate forward for the old log-probs is needed when a row meets more than one
+        update (the ratio's denominator must stay fixed) or the KL goes into the reward.
+        Otherwise each update's own detached log-probs are the old ones (what TRL's GRPO does
+        with num_iterations=1)."""
+        p = self.cfg.ppo
+        single_update = p.ppo_epochs == 1 and p.num_mini_batches == 1
+        return not single_update or (self.reference is not None and not self.kl_in_loss)
+
     def make_experience(self, r: Rollout) -> tuple[Experience, dict[str, float]]:
+        """Scores, values, old log-probs and advantages of a rollout. With the KL in the loss,
+        the reference forward is only started here: `self.pending_ref` holds its refs for the
+        updates, which fetch them after their own forward pass."""
         ids, attention, action = sequences(r)
         prompt_text = [self.prompts[int(i)].prompt_text for i in r.prompt_index]
         responses = self._decode(r)
-        old_refs = self._forward(self.policy, lambda a, x: a.forward.remote(x), ids, attention)
-        value_refs = self._forward(self.critic, lambda a, x: a.forward.remote(x), ids, attention)
+        start = r.prompt_ids.shape[1] - 1  # log-probs of the response tokens only
         ref_refs = self._forward(
-            self.reference, lambda a, x: a.token_logps.remote(x), ids, attention
+            self.reference, lambda a, x: a.token_logps.remote(x, start), ids, attention
         )
+        old_refs = None
+        if self.needs_old_logps:
+            old_refs = self._forward(
+                self.policy, lambda a, x: a.forward.remote(x, start), ids, attention
+            )
+        value_refs = self._forward(self.critic, lambda a, x: a.forward.remote(x), ids, attention)
         score_ref = self.reward.actors[0].score.remote(prompt_text, responses)
-        old, values, ref = _rows(old_refs), _rows(value_refs), _rows(ref_refs)
+        self.pending_ref = ref_refs if self.kl_in_loss else None
+        ref = None if self.kl_in_loss else _rows(ref_refs)
+        old, values = _rows(old_refs), _rows(value_refs)
         scores = gather([score_ref])[0]
         has_eos = torch.tensor([f == "stop" for f in r.finish])
+        zeros = torch.zeros(action.shape)
+        coef = 0.0 if self.kl_in_loss else self.kl.value
         adv = compute_advantages(
-            self.cfg, scores, action, old, ref, values, has_eos, self.kl.value, self.normalizer
+            self.cfg,
+            scores,
+            action,
+            old if old is not None else zeros,
+            ref,
+            values,
+            has_eos,
+            coef,
+            self.normalizer,
         )
-        zeros = torch.zeros_like(old)
+        adv.metrics["kl/coef"] = self.kl.value
         exp = Experience(
             ids,
             attention,
             action,
-            old * action,
+            old * action if old is not None else None,
             adv.advantages,
             adv.returns,
             (values * action) if values is not None else zeros,
@@ -340,34 +393,62 @@ class OnlineRun:
         self.samples = list(zip(prompt_text, responses, scores.tolist(), strict=True))
         return exp, adv.metrics
 
-    def train_on(self, exp: Experience, step: int) -> dict[str, float]:
+    def submit_updates(self, exp: Experience, step: int) -> dict[str, list]:
+        """Queue all ppo_epochs x num_mini_batches updates at once (each actor runs its calls in
+        order; the critic's run concurrently with the policy's): role -> result refs."""
         cfg = self.cfg
         rows = exp.input_ids.shape[0]
         per_update = rows // cfg.ppo.num_mini_batches
         g = torch.Generator().manual_seed(cfg.train.seed * 7919 + step)
-        sums: dict[str, list[float]] = {}
+        refs: dict[str, list] = {"policy": [], "critic": []}
         for _ in range(cfg.ppo.ppo_epochs):
             order = torch.randperm(rows, generator=g)
             for m in range(cfg.ppo.num_mini_batches):
-                mini = exp.rows(order[m * per_update : (m + 1) * per_update])
-                refs = {"policy": self._update(self.policy, mini)}
+                picked = order[m * per_update : (m + 1) * per_update]
+                mini = exp.rows(picked)
+                kl = None
+                if self.kl_in_loss:
+                    kl = (self.kl.value, self.pending_ref, picked)
+                refs["policy"] += self._update(self.policy, mini, kl)
                 if self.critic is not None:
-                    refs["critic"] = self._update(self.critic, mini)  # concurrently with the policy
-                for role, role_refs in refs.items():
-                    for result in gather(role_refs):
-                        for k, v in result.metrics.items():
-                            key = k if k.startswith(("policy/", "value/")) else f"{role}/{k}"
-                            sums.setdefault(key, []).append(v)
+                    refs["critic"] += self._update(self.critic, mini)
+        return refs
+
+    @staticmethod
+    def collect_updates(refs: dict[str, list]) -> dict[str, float]:
+        """Mean of every update's metrics (policy/* and value/* keep their names)."""
+        sums: dict[str, list[float]] = {}
+        for role, role_refs in refs.items():
+            for result in gather(role_refs):
+                for k, v in result.metrics.items():
+                    key = k if k.startswith(("policy/", "value/")) else f"{role}/{k}"
+                    sums.setdefault(key, []).append(v)
         return {k: sum(v) / len(v) for k, v in sums.items()}
 
-    def _update(self, group: ActorGroup, mini: Experience) -> list:
+    def train_on(self, exp: Experience, step: int) -> dict[str, float]:
+        return self.collect_updates(self.submit_updates(exp, step))
+
+    def _update(self, group: ActorGroup, mini: Experience, kl: tuple | None = None) -> list:
+        """One update of the group on a mini-batch, split over its ranks in micro-batches.
+        kl = (β, reference refs, the mini-batch's rows in the rollout) for the KL in the loss:
+        each micro-batch then gets a KLPenalty whose log-probs the trainer fetches itself."""
         world, micro = group.world_size, self.cfg.train.micro_batch_size
         per = mini.input_ids.shape[0] // world
         work = []
         for r in range(world):
             shard = mini.rows(torch.arange(r * per, (r + 1) * per))
-            batches = [shard.rows(torch.arange(s.start, s.stop)) for s in _chunks(per, micro)]
-            work.append((batches, [None] * len(batches)))
+            chunks = _chunks(per, micro)
+            batches = [shard.rows(torch.arange(s.start, s.stop)) for s in chunks]
+            extra = [None] * len(batches)
+            if kl is not None:
+                coef, ref_refs, rows = kl
+                extra = [
+                    KLPenalty(
+                        coef, DeferredRows(ref_refs, rows[r * per + s.start : r * per + s.stop])
+                    )
+                    for s in chunks
+                ]
+            work.append((batches, extra))
         return group.call_each(lambda a, x: a.train_step.remote(*x), work)
 
     # ------------------------------------------------------------------ the loop
@@ -384,17 +465,37 @@ class OnlineRun:
                 logger.log(0, before, 0)
         metrics: dict[str, float] = {}
         self.step_times: list[float] = []
+        every = cfg.checkpoint.every_steps
+        t0 = time.perf_counter()
+        pending = self.submit_generate(first) if first < plan.total_steps else None
         try:
             for step in range(first, plan.total_steps):
-                t0 = time.perf_counter()
-                rollout = self.generate(step)
+                done = step + 1 == plan.total_steps
+                evaluates = bool(cfg.train.eval_every and (step + 1) % cfg.train.eval_every == 0)
+                evaluates = evaluates or done
+                saves = bool(every and (step + 1) % every == 0) or done
+                faults = os.environ.get(FAULT_EXIT_AFTER_STEP) == str(step + 1)
+                rollout = self.collect_rollout(pending)
                 t1 = time.perf_counter()
                 exp, metrics = self.make_experience(rollout)
+                if not self.kl_in_loss:
+                    self.kl.update(metrics["kl/seq"], exp.input_ids.shape[0])
                 t2 = time.perf_counter()
-                metrics.update(self.train_on(exp, step))
+                # Queued back to back: the updates, the weight sync behind them on the policy,
+                # and (when nothing runs between the steps) the next rollout behind the sync on
+                # the engines, so no actor waits for a driver round trip in between.
+                updates = self.submit_updates(exp, step)
+                synced = self.weight_sync.submit()
+                prefetch = not (done or evaluates or saves or faults)
+                pending = self.submit_generate(step + 1) if prefetch else None
+                if self.pending_ref is not None:
+                    gather(self.pending_ref)  # a dead reference is reported by its role
+                metrics.update(self.collect_updates(updates))
+                if self.kl_in_loss:  # measured by the updates, on the policy before each step
+                    metrics["kl/seq"] = metrics["policy/kl_seq"]
+                    self.kl.update(metrics["kl/seq"], exp.input_ids.shape[0])
                 t3 = time.perf_counter()
-                self.kl.update(metrics["kl/seq"], exp.input_ids.shape[0])
-                self.sync_weights()
+                gather(synced)
                 t4 = time.perf_counter()
                 tokens = int(rollout.response_mask.sum())
                 metrics.update(
@@ -408,16 +509,21 @@ class OnlineRun:
                     }
                 )
                 self.step_times.append(t4 - t0)
-                done = step + 1 == plan.total_steps
-                if (cfg.train.eval_every and (step + 1) % cfg.train.eval_every == 0) or done:
+                if evaluates:
                     metrics.update(self.evaluate())
                 logger.log(step + 1, metrics, (step + 1) * plan.global_batch)
-                every = cfg.checkpoint.every_steps
-                if (every and (step + 1) % every == 0) or done:
+                if saves:
                     self.save(step + 1)
-                if os.environ.get(FAULT_EXIT_AFTER_STEP) == str(step + 1):
+                if faults:
                     print(f"fault injection: exiting after step {step + 1}", flush=True)
                     os._exit(17)
+                # A prefetched rollout started when the sync ended (t4): the bookkeeping above
+                # overlapped it. Otherwise the next step starts now, after eval / checkpoint.
+                if pending is None and not done:
+                    t0 = time.perf_counter()
+                    pending = self.submit_generate(step + 1)
+                else:
+                    t0 = t4
         finally:
             logger.close()
         return metrics

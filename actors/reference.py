@@ -20,10 +20,13 @@ class ReferenceModel(Worker):
         self.model = load_model(model_cfg, "causal", trainable=False, device=self.device)
 
     @torch.no_grad()
-    def token_logps(self, sequences: list[tuple[torch.Tensor, torch.Tensor]]) -> list[torch.Tensor]:
-        """Next-token log-probs [B, T-1] of (input_ids, attention_mask) pairs (online RL)."""
+    def token_logps(
+        self, sequences: list[tuple[torch.Tensor, torch.Tensor]], start: int = 0
+    ) -> list[torch.Tensor]:
+        """Next-token log-probs [B, T-1] of (input_ids, attention_mask) pairs (online RL);
+        columns before `start` (the prompt) are 0."""
         return [
-            token_logps(self.model, ids.to(self.device), mask.to(self.device)).cpu()
+            token_logps(self.model, ids.to(self.device), mask.to(self.device), start).cpu()
             for ids, mask in sequences
         ]
 

@@ -8,6 +8,8 @@ Workloads (`--only` takes these names, and may be repeated):
     tiny-ppo       ours only: PPO with a critic (GAE), tiny Llama, 32 prompts x 1 sample
     tiny-grpo      GRPO, tiny Llama, 8 prompts x 4 samples; TRL: GRPOTrainer
     tiny-rloo      RLOO, tiny Llama, 8 prompts x 4 samples; TRL: RLOOTrainer
+    tiny-grpo-2eng tiny-grpo with two rollout engines (report only); TRL: GRPOTrainer
+    tiny-rloo-2eng tiny-rloo with two rollout engines (report only); TRL: RLOOTrainer
     smollm2-ppo    ours only: PPO with a critic, SmolLM2-135M-Instruct, 16 prompts x 1 sample
     smollm2-grpo   ours only: GRPO, SmolLM2-135M-Instruct, 4 prompts x 4 samples (quickstart)
 
@@ -79,18 +81,30 @@ class Workload:
     trl: str | None = None  # TRL peer: "grpo" | "rloo" | None (ours only)
     target: float | None = None  # ours/TRL target, None: report only
     chat: bool = False  # data.chat_prompts (TRL: conversational prompts)
+    engines: int = 1  # rollout engines (roles.rollout.resources.ranks_per_node)
+    #: Where the KL goes, as TRL's trainer does it: GRPOTrainer adds β·k3 to the loss,
+    #: RLOOTrainer subtracts β·k1 (summed over the sequence) from the reward.
+    kl_penalty: str = "reward"
+    kl_estimator: str = "k1"
 
     @property
     def rows(self) -> int:
         return self.prompts * self.samples
 
 
+GRPO_KL = {"kl_penalty": "loss", "kl_estimator": "k3"}
 WORKLOADS = [
     Workload("tiny-ppo", "tiny", "gae", 32, 1, 16, 32, 1e-5),
-    Workload("tiny-grpo", "tiny", "grpo", 8, 4, 16, 32, 1e-5, trl="grpo", target=1.0),
+    Workload("tiny-grpo", "tiny", "grpo", 8, 4, 16, 32, 1e-5, trl="grpo", target=1.0, **GRPO_KL),
     Workload("tiny-rloo", "tiny", "rloo", 8, 4, 16, 32, 1e-5, trl="rloo", target=1.0),
+    # The same runs with two rollout engines (data-parallel generation, one per core): a
+    # configuration TRL's single process has no counterpart for, so it is reported, not a target.
+    Workload(
+        "tiny-grpo-2eng", "tiny", "grpo", 8, 4, 16, 32, 1e-5, trl="grpo", engines=2, **GRPO_KL
+    ),
+    Workload("tiny-rloo-2eng", "tiny", "rloo", 8, 4, 16, 32, 1e-5, trl="rloo", engines=2),
     Workload("smollm2-ppo", "smollm2", "gae", 16, 1, 32, 8, 1e-5, chat=True),
-    Workload("smollm2-grpo", "smollm2", "grpo", 4, 4, 32, 8, 1e-5, chat=True),
+    Workload("smollm2-grpo", "smollm2", "grpo", 4, 4, 32, 8, 1e-5, chat=True, **GRPO_KL),
 ]
 BY_NAME = {w.name: w for w in WORKLOADS}
 
@@ -127,11 +141,14 @@ def ours_config(w: Workload, steps: int) -> dict:
                 "max_new_tokens": w.max_new_tokens,
                 "temperature": 1.0,
                 "n_samples_per_prompt": w.samples,
+                "resources": {"ranks_per_node": w.engines},
             },
         },
         "ppo": {
             "estimator": w.estimator,
             "kl_coef": KL_COEF,
+            "kl_penalty": w.kl_penalty,
+            "kl_estimator": w.kl_estimator,
             "ppo_epochs": 1,
             "num_mini_batches": 1,
         },
@@ -447,7 +464,11 @@ generations (32: 8 prompts x `num_generations=4`), `gradient_accumulation_steps=
 generation batch gives one optimizer step, as ours with `ppo.ppo_epochs=1`,
 `ppo.num_mini_batches=1`; `max_completion_length=16`, `temperature=1.0`, `top_k=0`,
 `top_p=1.0`, `beta=0.05` (GRPO's default is 0.0, which would skip the reference model;
-RLOO's default is 0.05; ours `ppo.kl_coef=0.05`, reference log-probs on both sides),
+RLOO's default is 0.05; ours `ppo.kl_coef=0.05`, reference log-probs on both sides). The KL
+goes where each TRL trainer puts it: GRPO adds β·k3 per token to the loss (ours
+`ppo.kl_penalty=loss`, `ppo.kl_estimator=k3`), RLOO subtracts β·k1 from the reward (ours
+`ppo.kl_penalty=reward`, `ppo.kl_estimator=k1`; TRL sums it over the sequence before the
+leave-one-out baseline, ours shapes the per-token rewards: the same work).
 `epsilon=0.2` (ours `ppo.clip_eps=0.2`), `learning_rate=1e-5`, `lr_scheduler_type=constant`,
 `warmup_steps=0`, `optim=adamw_torch`, `weight_decay=0`, `max_grad_norm=1.0`, `bf16=False`,
 `gradient_checkpointing=False` (TRL's defaults are on), `use_cpu=True`,
@@ -463,11 +484,15 @@ Ours: the same model, reward, prompts, `train.global_batch_size=8`,
 `generate` rollout (`roles.rollout.backend=hf`).
 
 Differences that remain, by design: ours runs rollout, policy, reference, reward (and
-critic) as separate Ray actors (one thread each, so make_experience's reference log-probs,
-old log-probs and reward run concurrently on the 2 cores) and syncs weights to the rollout
-actor after every step; TRL does everything in one process and one thread (with
-`num_iterations=1` it reuses the detached current log-probs as the old ones, where ours
-computes them in a separate forward)."""
+critic) as separate Ray actors, one thread each, and syncs weights to the rollout actor after
+every step; TRL does everything in one process and one thread. So on the 2 cores, for RLOO
+the reference and old log-probs and the reward run concurrently; for GRPO the reference
+forward runs during the update's own forward. Both sides skip the old-log-prob forward
+where it equals the update's own (GRPO: one update per batch, KL in the loss); RLOO needs it
+on both sides for the KL in the reward. The `-2eng` rows run two rollout engines (one per
+core, each generating half the batch); TRL's single process has no counterpart, so they
+are reported, without a target, against TRL runs of the same settings (timed again, in
+their own interleaved slots)."""
 
 
 def report(done, args, load: tuple, elapsed: float) -> str:

@@ -237,7 +237,9 @@ class PPOConfig(_Section):
     kl_horizon: int = Field(10000, gt=0)
     """Adaptive controller horizon."""
     kl_estimator: Literal["k1", "k2", "k3"] = "k1"
-    """Per-token KL estimator in the reward."""
+    """Per-token KL estimator (in the reward or the loss: kl_penalty)."""
+    kl_penalty: Literal["reward", "loss"] = "reward"
+    """Where β·KL(π || π_ref) goes. reward: -β·KL per token is added to the rewards before the advantages (RLHF PPO, Ziegler et al. 2019). loss: β·KL per token is added to the policy loss, aggregated like it (GRPO, Shao et al. 2024; TRL's GRPOTrainer; usually with kl_estimator k3)."""
     aggregation: Literal["token_mean", "seq_mean", "seq_mean_token_sum"] = "token_mean"
     """Loss aggregation over tokens."""
     whiten_advantages: bool = True

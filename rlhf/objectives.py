@@ -9,10 +9,13 @@ Reference log-probs come in precomputed (from the reference actor or the on-disk
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Iterable
 from dataclasses import dataclass
+from typing import Any
 
 import torch
+import torch.nn.functional as F
 
 from rlhf.config import RunConfig
 from rlhf.losses import (
@@ -20,6 +23,7 @@ from rlhf.losses import (
     bradley_terry_loss,
     classification_loss,
     entropy_loss,
+    kl_penalty_loss,
     kto_loss,
     orpo_loss,
     policy_loss,
@@ -52,6 +56,21 @@ class RefLogps:
 
     logps: torch.Tensor
     kl_logps: torch.Tensor | None = None
+
+
+@dataclass(frozen=True)
+class KLPenalty:
+    """What a PPO update needs for ppo.kl_penalty=loss: the coefficient β of this step and the
+    reference's per-token log-probs [B, T-1] of the micro-batch's rows, either a tensor or a
+    handle whose get() delivers it (the trainer asks only after its own forward pass, so
+    the reference forward can still be running meanwhile)."""
+
+    coef: float
+    ref_logps: Any
+
+    def logps(self, device) -> torch.Tensor:
+        ref = self.ref_logps
+        return (ref if isinstance(ref, torch.Tensor) else ref.get()).to(device)
 
 
 def sequence_logps(model, input_ids, attention_mask, response_mask) -> SequenceLogps:
@@ -167,10 +186,38 @@ def rm_classification_objective(
     return classification_loss(logits, batch.labels)
 
 
-def token_logps(model, input_ids, attention_mask) -> torch.Tensor:
-    """Next-token log-probs [B, T-1] (column t scores token t+1)."""
-    logits = model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits
-    return shifted_token_logps(logits, input_ids)
+def _takes_logits_to_keep(model) -> bool:
+    """Whether the HF model under any DeepSpeed engine / peft wrapper accepts logits_to_keep."""
+    inner = getattr(model, "module", model)
+    if hasattr(inner, "get_base_model"):
+        inner = inner.get_base_model()
+    try:
+        return "logits_to_keep" in inspect.signature(inner.forward).parameters
+    except (TypeError, ValueError):
+        return False
+
+
+def causal_logits(model, input_ids, attention_mask, start: int = 0) -> torch.Tensor:
+    """Logits [B, T-start, V] of positions start..T-1 only. The LM head (a small model's
+    largest matmul, and every model's largest activation) then runs on those positions alone
+    when the model takes `logits_to_keep`; otherwise the full logits are sliced."""
+    kwargs = {"input_ids": input_ids, "attention_mask": attention_mask, "use_cache": False}
+    if start > 0 and _takes_logits_to_keep(model):
+        return model(**kwargs, logits_to_keep=input_ids.shape[1] - start).logits
+    return model(**kwargs).logits[:, start:]
+
+
+def response_start(action_mask: torch.Tensor) -> int:
+    """The first column of [B, T-1] per-token tensors that any row acts in (0 if none)."""
+    cols = action_mask.bool().any(0).nonzero()
+    return int(cols[0]) if len(cols) else 0
+
+
+def token_logps(model, input_ids, attention_mask, start: int = 0) -> torch.Tensor:
+    """Next-token log-probs [B, T-1] (column t scores token t+1). Columns before `start` (the
+    prompt, when only the response counts) are 0 and never computed."""
+    logits = causal_logits(model, input_ids, attention_mask, start)
+    return F.pad(shifted_token_logps(logits, input_ids[:, start:]), (start, 0))
 
 
 def token_values(critic, input_ids, attention_mask) -> torch.Tensor:
@@ -183,17 +230,19 @@ def token_values(critic, input_ids, attention_mask) -> torch.Tensor:
 
 
 def ppo_policy_objective(
-    model, exp: Experience, ref: RefLogps | None, cfg: RunConfig
+    model, exp: Experience, ref: KLPenalty | None, cfg: RunConfig
 ) -> tuple[torch.Tensor, Metrics]:
-    """Clipped surrogate plus the entropy bonus on one experience micro-batch."""
+    """Clipped surrogate plus the entropy bonus (and, with ppo.kl_penalty=loss, β·KL to the
+    reference) on one experience micro-batch."""
     p = cfg.ppo
-    logits = model(
-        input_ids=exp.input_ids, attention_mask=exp.attention_mask, use_cache=False
-    ).logits
-    logps = shifted_token_logps(logits, exp.input_ids)
+    # Only the response's logits: everything per token is 0 before the first action column.
+    start = response_start(exp.action_mask)
+    logits = causal_logits(model, exp.input_ids, exp.attention_mask, start)
+    logps = F.pad(shifted_token_logps(logits, exp.input_ids[:, start:]), (start, 0))
+    old = logps.detach() if exp.old_logps is None else exp.old_logps
     loss, metrics = policy_loss(
         logps,
-        exp.old_logps,
+        old,
         exp.advantages,
         exp.action_mask,
         clip_eps=p.clip_eps,
@@ -202,11 +251,27 @@ def ppo_policy_objective(
         aggregation=p.aggregation,
     )
     with torch.set_grad_enabled(p.entropy_coef > 0):
-        entropy = entropy_from_logits(logits[:, :-1])
+        acting = exp.action_mask.bool()
+        entropy = torch.zeros(acting.shape, dtype=torch.float32, device=logits.device)
+        entropy = entropy.masked_scatter(
+            acting, entropy_from_logits(logits[:, :-1][acting[:, start:]])
+        )
         bonus, entropy_metrics = entropy_loss(
             entropy, exp.action_mask, coef=p.entropy_coef, aggregation=p.aggregation
         )
-    return loss + bonus, {**metrics, **entropy_metrics}
+    metrics.update(entropy_metrics)
+    if ref is not None:  # fetched only now: the reference forward overlapped ours
+        kl, kl_metrics = kl_penalty_loss(
+            logps,
+            ref.logps(logps.device),
+            exp.action_mask,
+            coef=ref.coef,
+            estimator=p.kl_estimator,
+            aggregation=p.aggregation,
+        )
+        loss = loss + kl
+        metrics.update(kl_metrics)
+    return loss + bonus, metrics
 
 
 def ppo_value_objective(

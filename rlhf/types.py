@@ -113,12 +113,14 @@ class Experience(_Batch):
     """One PPO micro-batch. input_ids, attention_mask: [B, T] (left-padded prompt, then the
     right-padded response). Every per-token tensor is [B, T-1], aligned with next-token
     log-probs (column t scores token t+1): action_mask marks response tokens; old_logps,
-    advantages, returns and old_values are 0 elsewhere. index [B]: the prompt's dataset index."""
+    advantages, returns and old_values are 0 elsewhere. index [B]: the prompt's dataset index.
+    old_logps is None when each row is used by exactly one update, from the weights that
+    sampled it: the update's own (detached) log-probs are then the old ones (ratio 1)."""
 
     input_ids: torch.Tensor
     attention_mask: torch.Tensor
     action_mask: torch.Tensor
-    old_logps: torch.Tensor
+    old_logps: torch.Tensor | None
     advantages: torch.Tensor
     returns: torch.Tensor
     old_values: torch.Tensor
@@ -127,5 +129,10 @@ class Experience(_Batch):
     def rows(self, idx: torch.Tensor) -> Experience:
         """The sub-batch of rows `idx`."""
         return dataclasses.replace(
-            self, **{f.name: getattr(self, f.name)[idx] for f in dataclasses.fields(self)}
+            self,
+            **{
+                f.name: getattr(self, f.name)[idx]
+                for f in dataclasses.fields(self)
+                if getattr(self, f.name) is not None
+            },
         )

@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from rlhf.losses.ppo import entropy_loss, policy_loss, value_loss
+from rlhf.losses.ppo import entropy_loss, kl_penalty_loss, policy_loss, value_loss
 from rlhf.losses.reward import bradley_terry_loss, classification_loss
 from rlhf.losses.sft import sft_loss
 
@@ -388,6 +388,65 @@ def test_entropy_loss_hand_value_gradient_and_empty():
     empty, _ = entropy_loss(ent, torch.zeros(1, 3, dtype=torch.bool), coef=0.5)
     assert empty.item() == 0.0
     assert entropy_loss(ent.detach().bfloat16(), mask, coef=0.5)[0].dtype == torch.float32
+
+
+# ---------------------------------------------------------------------------------------------
+# kl_penalty_loss (ppo.kl_penalty=loss)
+# ---------------------------------------------------------------------------------------------
+
+
+def ref_kl(logp: float, ref: float, estimator: str) -> float:
+    """Schulman 2020 "Approximating KL divergence": with r = π_ref / π over samples of π,
+    k1 = -log r, k2 = (log r)² / 2, k3 = (r - 1) - log r."""
+    log_r = ref - logp
+    return {"k1": -log_r, "k2": 0.5 * log_r**2, "k3": math.expm1(log_r) - log_r}[estimator]
+
+
+@pytest.mark.parametrize("estimator", ["k1", "k2", "k3"])
+@pytest.mark.parametrize("mode", MODES)
+def test_kl_penalty_loss_matches_reference(estimator, mode):
+    g = gen(13)
+    logps = -torch.rand(5, 6, generator=g, dtype=F64) * 4
+    ref = -torch.rand(5, 6, generator=g, dtype=F64) * 4
+    mask = random_mask(5, 6, g)
+    mask[3] = False
+    loss, m = kl_penalty_loss(
+        logps.float(), ref.float(), mask, coef=0.3, estimator=estimator, aggregation=mode
+    )
+    per_token = [
+        [ref_kl(a, b, estimator) for a, b in zip(ra, rb, strict=True)]
+        for ra, rb in zip(logps.tolist(), ref.tolist(), strict=True)
+    ]
+    assert_close(loss, 0.3 * ref_aggregate(per_token, mask.tolist(), mode), rtol=1e-5)
+    assert_close(m["policy/kl"], ref_aggregate(per_token, mask.tolist(), "token_mean"))
+    seq = [
+        sum(v for v, k in zip(row, mrow, strict=True) if k)
+        for row, mrow in zip(per_token, mask.tolist(), strict=True)
+    ]
+    assert_close(m["policy/kl_seq"], sum(seq) / len(seq))
+
+
+def test_kl_penalty_loss_hand_values_gradient_and_empty():
+    # One counted token with log π = log 0.5, log π_ref = log 0.25: log r = -log 2, so
+    # k3 = 1/2 - 1 + log 2 = log 2 - 1/2; d k3 / d log π = 1 - r = 1/2.
+    logps = torch.tensor([[math.log(0.5), 0.0]], requires_grad=True)
+    ref = torch.tensor([[math.log(0.25), 5.0]], requires_grad=True)
+    mask = torch.tensor([[True, False]])
+    loss, m = kl_penalty_loss(logps, ref, mask, coef=2.0, estimator="k3")
+    assert_close(loss, 2.0 * (math.log(2) - 0.5))
+    assert_close(m["policy/kl"], math.log(2) - 0.5)
+    loss.backward()
+    assert_close(logps.grad, [[2.0 * 0.5, 0.0]])
+    assert ref.grad is None  # the reference is a constant of the loss
+    empty, m0 = kl_penalty_loss(logps, ref, torch.zeros(1, 2, dtype=torch.bool), coef=2.0)
+    assert empty.item() == 0.0 and m0["policy/kl_seq"].item() == 0.0
+    # Equal distributions: zero penalty, whatever the estimator.
+    same = torch.tensor([[-1.5, -0.2]], requires_grad=True)
+    for est in ("k1", "k2", "k3"):
+        zero, _ = kl_penalty_loss(
+            same, same.detach(), torch.ones(1, 2, dtype=torch.bool), coef=1.0, estimator=est
+        )
+        assert zero.item() == 0.0
 
 
 # ---------------------------------------------------------------------------------------------

@@ -189,3 +189,100 @@ def test_ppo_objectives_at_ratio_one(model, tiny_path):
     assert metrics["policy/clipfrac"].item() == 0.0
     vloss, _ = objective_for(cfg, "critic")(critic, exp, None, cfg)
     assert vloss.item() == pytest.approx(0.5 * 0.5 * 1.0, abs=1e-5)
+
+
+def test_token_logps_of_the_response_only(model, tiny_path):
+    """start > 0 computes the LM head on the response positions only (logits_to_keep): the
+    same log-probs as the full forward from `start` on, 0 before; a model without
+    logits_to_keep gets the sliced full logits, with the same result."""
+    from rlhf.objectives import _takes_logits_to_keep, token_logps
+
+    ids = torch.tensor([[0, 5, 6, 7, 8, 9, 11], [5, 6, 7, 8, 9, 10, 12]])
+    attention = torch.tensor([[0, 1, 1, 1, 1, 1, 1], [1] * 7], dtype=torch.bool)
+
+    class Plain(torch.nn.Module):  # forward without logits_to_keep
+        def __init__(self, inner):
+            super().__init__()
+            self.inner = inner
+
+        def forward(self, input_ids, attention_mask, use_cache=False):
+            return self.inner(input_ids=input_ids, attention_mask=attention_mask)
+
+    assert _takes_logits_to_keep(model) and not _takes_logits_to_keep(Plain(model))
+    with torch.no_grad():
+        full = token_logps(model, ids, attention)
+        for start in (1, 3, 5):
+            for m in (model, Plain(model)):
+                part = token_logps(m, ids, attention, start)
+                assert part.shape == full.shape
+                assert torch.all(part[:, :start] == 0)
+                torch.testing.assert_close(part[:, start:], full[:, start:], rtol=0, atol=1e-5)
+
+
+def test_ppo_objective_single_update_and_kl_in_the_loss(model):
+    """old_logps=None (one update per row) gives the loss and gradient of recomputed old
+    log-probs (ratio 1); with ppo.kl_penalty=loss, KLPenalty adds β·mean k3 over the response
+    tokens, from a tensor or from a handle fetched only when needed."""
+    from rlhf.kl import kl_estimate
+    from rlhf.objectives import KLPenalty, token_logps
+    from rlhf.ops import entropy_from_logits
+    from rlhf.types import Experience
+
+    cfg = load_config(
+        None,
+        [
+            "algorithm=ppo",
+            "roles.reward.type=function",
+            "roles.reward.function=m:f",
+            "ppo.kl_penalty=loss",
+            "ppo.kl_estimator=k3",
+        ],
+    )
+    ids = torch.tensor([[0, 5, 6, 7, 8, 9, 11], [5, 6, 7, 8, 9, 10, 12]])
+    attention = torch.tensor([[0, 1, 1, 1, 1, 1, 1], [1] * 7], dtype=torch.bool)
+    action = torch.zeros(2, 6, dtype=torch.bool)
+    action[:, 3:] = True
+    action[0, 5] = False  # a shorter response
+    with torch.no_grad():
+        old = token_logps(model, ids, attention)
+    adv = torch.randn(2, 6, generator=torch.Generator().manual_seed(1)) * action
+    zeros = torch.zeros(2, 6)
+    idx = torch.tensor([0, 1])
+    objective = objective_for(cfg)
+
+    def loss_and_grad(exp, ref):
+        model.zero_grad()
+        loss, metrics = objective(model, exp, ref, cfg)
+        loss.backward()
+        grads = [p.grad.clone() for p in model.parameters() if p.grad is not None]
+        return loss.detach(), metrics, grads
+
+    recomputed = Experience(ids, attention, action, old * action, adv, zeros, zeros, idx)
+    single = Experience(ids, attention, action, None, adv, zeros, zeros, idx)
+    l1, _, g1 = loss_and_grad(recomputed, None)
+    l2, m2, g2 = loss_and_grad(single, None)
+    assert l2.item() == pytest.approx(l1.item(), abs=1e-6)
+    assert m2["policy/ratio"].item() == 1.0
+    for a, b in zip(g1, g2, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-7)
+    # The entropy metric: over the response tokens only, from the full logits.
+    with torch.no_grad():
+        logits = model(input_ids=ids, attention_mask=attention).logits[:, :-1]
+        want = entropy_from_logits(logits)[action].mean()
+    assert m2["policy/entropy"].item() == pytest.approx(want.item(), rel=1e-5)
+
+    ref = (old + 0.3 * torch.randn(2, 6, generator=torch.Generator().manual_seed(2))) * action
+
+    class Handle:
+        calls = 0
+
+        def get(self):
+            Handle.calls += 1
+            return ref
+
+    for given in (ref, Handle()):
+        l3, m3, _ = loss_and_grad(single, KLPenalty(0.2, given))
+        kl = kl_estimate(old, ref, "k3")[action].mean()
+        assert l3.item() == pytest.approx(l2.item() + 0.2 * kl.item(), abs=1e-5)
+        assert m3["policy/kl"].item() == pytest.approx(kl.item(), rel=1e-4)
+    assert Handle.calls == 1

@@ -118,7 +118,17 @@ def test_ppo_with_critic_learns_the_reward(sft_model, tmp_path):
     assert set(summary["peak_rss_mb"]) == {"policy", "rollout", "reward", "critic", "reference"}
 
 
-def test_grpo_learns_without_a_critic_and_adaptive_kl_rises(sft_model, tmp_path):
+@pytest.mark.parametrize(
+    "kl",
+    [
+        {"kl_penalty": "reward"},
+        # GRPO as published (and as TRL runs it): β·k3 in the loss, one update per batch, so
+        # no separate old-log-prob forward and the reference is fetched inside the update.
+        {"kl_penalty": "loss", "kl_estimator": "k3", "ppo_epochs": 1},
+    ],
+    ids=["kl-in-reward", "kl-in-loss"],
+)
+def test_grpo_learns_without_a_critic_and_adaptive_kl_rises(sft_model, tmp_path, kl):
     rlhf_train(
         ppo_config(
             tmp_path,
@@ -128,10 +138,14 @@ def test_grpo_learns_without_a_critic_and_adaptive_kl_rises(sft_model, tmp_path)
                 "reward": {"type": "function", "function": "tests.reward_fns:positive_words"},
                 "rollout": {"max_new_tokens": 24, "temperature": 1.0, "n_samples_per_prompt": 4},
             },
-            ppo={"estimator": "grpo", "kl_target": 0.5, "kl_horizon": 100},
+            ppo={"estimator": "grpo", "kl_target": 0.5, "kl_horizon": 100, **kl},
         )
     )
     r = rows(tmp_path)
+    if kl["kl_penalty"] == "loss":
+        for x in r:  # the controller follows the KL the updates measured
+            assert x["kl/seq"] == x["policy/kl_seq"] and math.isfinite(x["policy/kl"])
+            assert x["policy/ratio"] == pytest.approx(1.0)
     first, last = mean(x["reward/mean"] for x in r[:5]), mean(x["reward/mean"] for x in r[-5:])
     print(f"mean reward, first 5 steps {first:.3f} -> last 5 steps {last:.3f}")
     assert last > first + 0.5, (first, last)

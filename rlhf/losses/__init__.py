@@ -1,6 +1,6 @@
 """Pure loss functions: each returns `(loss, metrics)` with metric keys `role/name`."""
 
-from rlhf.losses.ppo import entropy_loss, policy_loss, value_loss
+from rlhf.losses.ppo import entropy_loss, kl_penalty_loss, policy_loss, value_loss
 from rlhf.losses.preference import (
     LENGTH_NORMALISED,
     PAIRED_LOSSES,
@@ -19,6 +19,7 @@ __all__ = [
     "bradley_terry_loss",
     "classification_loss",
     "entropy_loss",
+    "kl_penalty_loss",
     "kto_loss",
     "orpo_loss",
     "policy_loss",

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import torch
 
+from rlhf.kl import KLEstimator, kl_estimate
 from rlhf.ops import Aggregation, aggregate, masked_mean
 
 Metrics = dict[str, torch.Tensor]
@@ -85,6 +86,30 @@ def value_loss(
     metrics["value/loss"] = loss.detach()
     metrics["value/mean"] = masked_mean(values.detach(), mask)
     return loss, metrics
+
+
+def kl_penalty_loss(
+    logps: torch.Tensor,
+    ref_logps: torch.Tensor,
+    response_mask: torch.Tensor,
+    *,
+    coef: float,
+    estimator: KLEstimator = "k3",
+    aggregation: Aggregation = "token_mean",
+) -> tuple[torch.Tensor, Metrics]:
+    """β × the aggregated per-token KL(π || π_ref) estimate, a loss term (GRPO, Shao et al. 2024,
+    eq. 3 with k3, Schulman 2020). Differentiable in `logps`; the reference is a constant.
+
+    Metrics: policy/kl (token mean of the estimate) and policy/kl_seq (mean over rows of each
+    row's sum, the quantity the adaptive KL controller tracks).
+    """
+    mask = response_mask.bool()
+    kl = torch.where(mask, kl_estimate(logps, ref_logps.detach(), estimator), 0.0)
+    metrics: Metrics = {
+        "policy/kl": masked_mean(kl.detach(), mask),
+        "policy/kl_seq": kl.detach().sum(-1).mean(),
+    }
+    return coef * aggregate(kl, mask, aggregation), metrics
 
 
 def entropy_loss(
