@@ -15,6 +15,7 @@ import time
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 
 from actors.coordinator import (
     FAULT_EXIT_AFTER_STEP,
@@ -94,6 +95,12 @@ def sequences(r: Rollout) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     width = r.prompt_ids.shape[1]
     action[:, width - 1 : width - 1 + r.response_ids.shape[1]] = r.response_mask
     return ids, attention, action
+
+
+def rollout_token_logps(r: Rollout) -> torch.Tensor:
+    """The engine's log-probs of a rollout in the [B, T-1] layout of `sequences` (0 outside
+    the responses)."""
+    return F.pad(r.logps.float(), (r.prompt_ids.shape[1] - 1, 0))
 
 
 def print_before_after(report: dict) -> None:
@@ -334,14 +341,21 @@ class OnlineRun:
         return self.cfg.ppo.kl_penalty == "loss" and self.reference is not None
 
     @property
-    def needs_old_logps(self) -> bool:
-        """A separate forward for the old log-probs is needed when a row meets more than one
-        update (the ratio's denominator must stay fixed) or the KL goes into the reward.
-        Otherwise each update's own detached log-probs are the old ones (what TRL's GRPO does
-        with num_iterations=1)."""
-        p = self.cfg.ppo
-        single_update = p.ppo_epochs == 1 and p.num_mini_batches == 1
-        return not single_update or (self.reference is not None and not self.kl_in_loss)
+    def single_update(self) -> bool:
+        """Every row meets exactly one update, from the weights that sampled it: that update's
+        own detached log-probs are then the old ones (what TRL's GRPO does with
+        num_iterations=1)."""
+        return self.cfg.ppo.ppo_epochs == 1 and self.cfg.ppo.num_mini_batches == 1
+
+    @property
+    def old_logps_source(self) -> str | None:
+        """Where make_experience takes π_old from: None when nothing needs it before the
+        updates (one update per row and no KL in the reward), else a policy forward
+        ("recompute") or the rollout engine's own log-probs ("rollout", ppo.old_logps)."""
+        kl_in_reward = self.reference is not None and not self.kl_in_loss
+        if self.single_update and not kl_in_reward:
+            return None
+        return self.cfg.ppo.old_logps
 
     def make_experience(self, r: Rollout) -> tuple[Experience, dict[str, float]]:
         """Scores, values, old log-probs and advantages of a rollout. With the KL in the loss,
@@ -355,7 +369,7 @@ class OnlineRun:
             self.reference, lambda a, x: a.token_logps.remote(x, start), ids, attention
         )
         old_refs = None
-        if self.needs_old_logps:
+        if self.old_logps_source == "recompute":
             old_refs = self._forward(
                 self.policy, lambda a, x: a.forward.remote(x, start), ids, attention
             )
@@ -364,6 +378,8 @@ class OnlineRun:
         self.pending_ref = ref_refs if self.kl_in_loss else None
         ref = None if self.kl_in_loss else _rows(ref_refs)
         old, values = _rows(old_refs), _rows(value_refs)
+        if self.old_logps_source == "rollout":
+            old = rollout_token_logps(r)
         scores = gather([score_ref])[0]
         has_eos = torch.tensor([f == "stop" for f in r.finish])
         zeros = torch.zeros(action.shape)
@@ -384,7 +400,7 @@ class OnlineRun:
             ids,
             attention,
             action,
-            old * action if old is not None else None,
+            None if self.single_update or old is None else old * action,
             adv.advantages,
             adv.returns,
             (values * action) if values is not None else zeros,

@@ -8,8 +8,7 @@ Workloads (`--only` takes these names, and may be repeated):
     tiny-ppo       ours only: PPO with a critic (GAE), tiny Llama, 32 prompts x 1 sample
     tiny-grpo      GRPO, tiny Llama, 8 prompts x 4 samples; TRL: GRPOTrainer
     tiny-rloo      RLOO, tiny Llama, 8 prompts x 4 samples; TRL: RLOOTrainer
-    tiny-grpo-2eng tiny-grpo with two rollout engines (report only); TRL: GRPOTrainer
-    tiny-rloo-2eng tiny-rloo with two rollout engines (report only); TRL: RLOOTrainer
+    tiny-rloo-engine-logps  tiny-rloo with ppo.old_logps=rollout (report only); TRL: RLOOTrainer
     smollm2-ppo    ours only: PPO with a critic, SmolLM2-135M-Instruct, 16 prompts x 1 sample
     smollm2-grpo   ours only: GRPO, SmolLM2-135M-Instruct, 4 prompts x 4 samples (quickstart)
 
@@ -81,11 +80,11 @@ class Workload:
     trl: str | None = None  # TRL peer: "grpo" | "rloo" | None (ours only)
     target: float | None = None  # ours/TRL target, None: report only
     chat: bool = False  # data.chat_prompts (TRL: conversational prompts)
-    engines: int = 1  # rollout engines (roles.rollout.resources.ranks_per_node)
     #: Where the KL goes, as TRL's trainer does it: GRPOTrainer adds β·k3 to the loss,
     #: RLOOTrainer subtracts β·k1 (summed over the sequence) from the reward.
     kl_penalty: str = "reward"
     kl_estimator: str = "k1"
+    old_logps: str = "recompute"  # ppo.old_logps
 
     @property
     def rows(self) -> int:
@@ -97,12 +96,20 @@ WORKLOADS = [
     Workload("tiny-ppo", "tiny", "gae", 32, 1, 16, 32, 1e-5),
     Workload("tiny-grpo", "tiny", "grpo", 8, 4, 16, 32, 1e-5, trl="grpo", target=1.0, **GRPO_KL),
     Workload("tiny-rloo", "tiny", "rloo", 8, 4, 16, 32, 1e-5, trl="rloo", target=1.0),
-    # The same runs with two rollout engines (data-parallel generation, one per core): a
-    # configuration TRL's single process has no counterpart for, so it is reported, not a target.
+    # RLOO taking π_old for the KL from the HF engine instead of a policy forward (TRL
+    # recomputes it): an option of ours, so reported beside the target row, not as it.
     Workload(
-        "tiny-grpo-2eng", "tiny", "grpo", 8, 4, 16, 32, 1e-5, trl="grpo", engines=2, **GRPO_KL
+        "tiny-rloo-engine-logps",
+        "tiny",
+        "rloo",
+        8,
+        4,
+        16,
+        32,
+        1e-5,
+        trl="rloo",
+        old_logps="rollout",
     ),
-    Workload("tiny-rloo-2eng", "tiny", "rloo", 8, 4, 16, 32, 1e-5, trl="rloo", engines=2),
     Workload("smollm2-ppo", "smollm2", "gae", 16, 1, 32, 8, 1e-5, chat=True),
     Workload("smollm2-grpo", "smollm2", "grpo", 4, 4, 32, 8, 1e-5, chat=True, **GRPO_KL),
 ]
@@ -141,7 +148,6 @@ def ours_config(w: Workload, steps: int) -> dict:
                 "max_new_tokens": w.max_new_tokens,
                 "temperature": 1.0,
                 "n_samples_per_prompt": w.samples,
-                "resources": {"ranks_per_node": w.engines},
             },
         },
         "ppo": {
@@ -149,6 +155,7 @@ def ours_config(w: Workload, steps: int) -> dict:
             "kl_coef": KL_COEF,
             "kl_penalty": w.kl_penalty,
             "kl_estimator": w.kl_estimator,
+            "old_logps": w.old_logps,
             "ppo_epochs": 1,
             "num_mini_batches": 1,
         },
@@ -489,10 +496,9 @@ every step; TRL does everything in one process and one thread. So on the 2 cores
 the reference and old log-probs and the reward run concurrently; for GRPO the reference
 forward runs during the update's own forward. Both sides skip the old-log-prob forward
 where it equals the update's own (GRPO: one update per batch, KL in the loss); RLOO needs it
-on both sides for the KL in the reward. The `-2eng` rows run two rollout engines (one per
-core, each generating half the batch); TRL's single process has no counterpart, so they
-are reported, without a target, against TRL runs of the same settings (timed again, in
-their own interleaved slots)."""
+on both sides for the KL in the reward; the `tiny-rloo-engine-logps` row takes it from the
+HF engine's own log-probs instead (`ppo.old_logps=rollout`, equal to the trainer's within
+1e-5 in fp32), which TRL does not offer, so it is reported without a target."""
 
 
 def report(done, args, load: tuple, elapsed: float) -> str:

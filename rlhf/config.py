@@ -246,6 +246,8 @@ class PPOConfig(_Section):
     """Whiten advantages over the batch."""
     num_mini_batches: int = Field(1, ge=1)
     """Optimizer steps per PPO epoch: the rollout batch is cut into this many mini-batches."""
+    old_logps: Literal["recompute", "rollout"] = "recompute"
+    """π_old of the ratio and of a KL in the reward. recompute: a policy forward after each rollout. rollout: the log-probs the rollout engine returned, no forward; the same numbers on the HF backend at the trainer's precision (fp32: within 1e-5), but a vLLM or bf16 engine's numerics differ from the trainer's."""
 
 
 # --------------------------------------------------------------------------- roles

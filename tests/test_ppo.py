@@ -162,3 +162,27 @@ def test_grpo_learns_without_a_critic_and_adaptive_kl_rises(sft_model, tmp_path,
             coefs[i],
             r[i - 1]["kl/seq"],
         )
+
+
+def test_rloo_learns_with_the_engines_log_probs_as_old(sft_model, tmp_path):
+    """RLOO with the KL in the reward and ppo.old_logps=rollout (no old-log-prob forward; the
+    HF engine's log-probs are the trainer's, within 1e-5, in fp32): it learns, KL stays finite,
+    and the ratio of the first update stays at 1."""
+    rlhf_train(
+        ppo_config(
+            tmp_path,
+            sft_model,
+            train={"global_batch_size": 8, "micro_batch_size": 8, "lr": 1e-3},
+            roles={
+                "reward": {"type": "function", "function": "tests.reward_fns:positive_words"},
+                "rollout": {"max_new_tokens": 24, "temperature": 1.0, "n_samples_per_prompt": 4},
+            },
+            ppo={"estimator": "rloo", "old_logps": "rollout", "ppo_epochs": 1},
+        )
+    )
+    r = rows(tmp_path)
+    first, last = mean(x["reward/mean"] for x in r[:5]), mean(x["reward/mean"] for x in r[-5:])
+    print(f"mean reward, first 5 steps {first:.3f} -> last 5 steps {last:.3f}")
+    assert last > first + 0.5, (first, last)
+    assert all(math.isfinite(x["kl/seq"]) for x in r)
+    assert all(x["policy/ratio"] == 1.0 and x["policy/clipfrac"] == 0.0 for x in r)

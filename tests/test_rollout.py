@@ -7,6 +7,7 @@ import torch
 
 from actors.group import ActorGroup, WeightSync
 from actors.policy import PolicyTrainer
+from actors.ppo import rollout_token_logps, sequences
 from actors.rollout import RolloutGenerator
 from rlhf.config import load_config
 from rlhf.data import load_split, make_collator
@@ -100,6 +101,12 @@ def test_rollout_logps_match_a_forward_pass(ray_local, tiny_path, tiny_tokenizer
     diff = (trainer - out.logps).abs()[out.response_mask].max().item()
     print(f"max |rollout - trainer| log-prob difference: {diff:.2e}")
     assert diff < 1e-4, f"rollout vs trainer log-probs differ by {diff}"
+    # ppo.old_logps=rollout: the same numbers in the trainer's [B, T-1] layout.
+    seq_ids, seq_mask, action = sequences(out)
+    assert torch.equal(seq_ids, ids) and torch.equal(seq_mask, mask)
+    aligned = rollout_token_logps(out)
+    assert aligned.shape == logps.shape and torch.all(aligned[~action] == 0)
+    assert (aligned - logps).abs()[action].max().item() == pytest.approx(diff)
     for row, finish in enumerate(out.finish):
         n = int(out.response_mask[row].sum())
         ended = out.response_ids[row, n - 1].item() == tiny_tokenizer.eos_token_id
@@ -172,3 +179,51 @@ def test_weight_buckets_layout_and_a_real_gloo_transfer():
     with pytest.raises(ValueError, match="'a'"):
         sender.begin()
         sender.add(torch.zeros(2, 2))
+
+
+@pytest.mark.parametrize(
+    "sampling",
+    [
+        {"temperature": 0.0},
+        {"temperature": 1.0},
+        {"temperature": 0.7, "top_k": 20, "top_p": 0.9},
+    ],
+    ids=["greedy", "plain", "warped"],
+)
+def test_lean_decode_draws_what_generate_draws(tiny_path, tiny_tokenizer, sampling):
+    """The HF backend's decode loop against transformers' generate on the same seed: the same
+    tokens, the same raw logits, pad after EOS; stop strings fall back to generate."""
+    from actors.rollout import HFBackend
+
+    cfg = _cfg(
+        tiny_path,
+        "roles.rollout.n_samples_per_prompt=3",
+        "roles.rollout.max_new_tokens=20",
+        *[f"roles.rollout.{k}={v}" for k, v in sampling.items()],
+    )
+    backend = HFBackend(cfg, "cpu")
+    assert backend.lean
+    prompts = _prompts(cfg, tiny_tokenizer, n=4)
+    s = cfg.roles.rollout
+    lean = backend.generate(prompts, s, seed=7)
+    backend.lean = False  # the same call through generate
+    ref = backend.generate(prompts, s, seed=7)
+    assert lean.response_ids.shape == ref.response_ids.shape
+    assert torch.equal(lean.response_ids, ref.response_ids)
+    assert torch.equal(lean.response_mask, ref.response_mask) and lean.finish == ref.finish
+    torch.testing.assert_close(lean.logps, ref.logps, rtol=0, atol=1e-5)
+    if sampling["temperature"] > 0:
+        again = backend.generate(prompts, s, seed=8)
+        assert not torch.equal(again.response_ids, ref.response_ids)  # the seed matters
+    # A second end-of-sequence id that rows do produce: both stop rows there, pad after it,
+    # and stop early once every row has ended.
+    extra = int(ref.response_ids[0, 2])
+    eos = tiny_tokenizer.eos_token_id
+    backend.model.generation_config.eos_token_id = [eos, extra]
+    backend.eos_ids = torch.tensor([eos, extra])
+    ref = backend.generate(prompts, s, seed=7)
+    backend.lean = True
+    lean = backend.generate(prompts, s, seed=7)
+    assert torch.equal(lean.response_ids, ref.response_ids)
+    stopped = (ref.response_ids == extra).any(1)
+    assert stopped[0] and bool((ref.response_ids[0, 3:] == tiny_tokenizer.pad_token_id).all())
