@@ -45,8 +45,20 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-CACHE = ROOT / ".cache"
+from bench._common import (
+    CACHE,
+    ROOT,
+    child_env,
+    median,
+    steady_rate,
+    step_timer,
+    tail,
+    trl_training_args,
+    versions,
+)
+
+VERSIONED = ("torch", "transformers", "trl", "deepspeed", "ray", "accelerate", "datasets")
+
 RESULT_TAG = "BENCH_RESULT "
 
 # ----------------------------------------------------------------------------- what runs
@@ -209,36 +221,13 @@ class Result:
     error: str | None = None
 
 
-def steady_rate(step_s: list[float], batch: int, warmup: int) -> float | None:
-    timed = step_s[warmup:]
-    return batch * len(timed) / sum(timed) if timed else None
-
-
 #: RAY_worker_niceness for our runs (None: Ray's default, 15). Set by --ray-worker-niceness.
 RAY_NICENESS: int | None = None
 
 
 def _env(cache_dir: Path) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
-    if RAY_NICENESS is not None:
-        env["RAY_worker_niceness"] = str(RAY_NICENESS)
-    env.update(
-        OMP_NUM_THREADS="1",
-        MKL_NUM_THREADS="1",
-        TOKENIZERS_PARALLELISM="false",
-        RLHF_CACHE_DIR=str(cache_dir),
-        TORCH_EXTENSIONS_DIR=str(CACHE / "torch_extensions"),
-        HF_HUB_OFFLINE="1",
-        HF_DATASETS_OFFLINE="1",
-        TRANSFORMERS_OFFLINE="1",
-        TQDM_DISABLE="1",
-        PYTHONPATH=str(ROOT),
-    )
-    return env
-
-
-def _tail(text: str, n: int = 25) -> str:
-    return "\n".join(text.strip().splitlines()[-n:])
+    nice = {} if RAY_NICENESS is None else {"RAY_worker_niceness": str(RAY_NICENESS)}
+    return child_env(cache_dir, **nice)
 
 
 @dataclass
@@ -256,7 +245,7 @@ class Proc:
         return json.loads(lines[-1][len(RESULT_TAG) :]) if self.rc == 0 and lines else None
 
     def error(self) -> str:
-        return f"rc={self.rc}: {_tail(self.output)}"
+        return f"rc={self.rc}: {tail(self.output)}"
 
 
 def _peak_rss_mb(pid: int) -> float | None:
@@ -412,18 +401,13 @@ def run_workload(w: Workload, args, work: Path) -> dict[str, list[Result]]:
 # ----------------------------------------------------------------------------- the table
 
 
-def _median(values: list[float]) -> float | None:
-    values = [v for v in values if v is not None]
-    return statistics.median(values) if values else None
-
-
 def _rate(results: list[Result]) -> float | None:
-    return _median([r.samples_per_s for r in results if r.error is None])
+    return median([r.samples_per_s for r in results if r.error is None])
 
 
 def _rss(results: list[Result], role: str) -> str:
     peaks = [max(r.rss_mb[role]) for r in results if r.error is None and r.rss_mb.get(role)]
-    m = _median(peaks)
+    m = median(peaks)
     return f"{m:.0f}" if m is not None else "-"
 
 
@@ -433,7 +417,7 @@ def _fmt(x: float | None, spec: str = ".1f") -> str:
 
 def _median_step(results: list[Result], warmup: int) -> float | None:
     """Median step time over the timed steps of every repeat (robust to noise bursts)."""
-    return _median([s for r in results if r.error is None for s in r.step_s[warmup:]])
+    return median([s for r in results if r.error is None for s in r.step_s[warmup:]])
 
 
 def table(done: dict[str, dict[str, list[Result]]], warmup: int) -> list[str]:
@@ -483,7 +467,7 @@ def details(done: dict[str, dict[str, list[Result]]], warmup: int) -> list[str]:
             step_ms = f"{step * 1000:.0f}" if step else "-"
             walls = ", ".join(f"{r.wall_s:.0f}" for r in results if r.wall_s)
             notes = [
-                f"{k}={_median([r.extra.get(k) for r in results if r.error is None]):.2f}"
+                f"{k}={median([r.extra.get(k) for r in results if r.error is None]):.2f}"
                 for k in sorted({k for r in results for k in r.extra})
             ]
             errors = [r.error.splitlines()[-1][:120] for r in results if r.error]
@@ -515,18 +499,6 @@ def precompute_cost(done: dict[str, dict[str, list[Result]]]) -> list[str]:
     return lines
 
 
-def versions() -> str:
-    from importlib.metadata import PackageNotFoundError, version
-
-    out = []
-    for pkg in ("torch", "transformers", "trl", "deepspeed", "ray", "accelerate", "datasets"):
-        try:
-            out.append(f"{pkg} {version(pkg)}")
-        except PackageNotFoundError:
-            out.append(f"{pkg} (not installed)")
-    return ", ".join(out)
-
-
 def report(done, args, load: tuple, elapsed: float) -> str:
     lines = [
         "# Offline training throughput: rlhf vs TRL",
@@ -535,7 +507,7 @@ def report(done, args, load: tuple, elapsed: float) -> str:
         f"{time.strftime('%Y-%m-%d %H:%M')}, {elapsed / 60:.0f} min; {platform.node()}, "
         f"{os.cpu_count()} CPUs, load average {load[0]:.2f} before and {load[1]:.2f} after.",
         "",
-        f"{versions()}.",
+        f"{versions(VERSIONED)}.",
         "",
         "Ray worker niceness: "
         + (
@@ -588,7 +560,6 @@ def trl_worker(spec: dict) -> None:
         AutoModelForCausalLM,
         AutoModelForSequenceClassification,
         AutoTokenizer,
-        TrainerCallback,
     )
 
     from rlhf.assets import build_tiny, prepare_smollm2
@@ -601,45 +572,11 @@ def trl_worker(spec: dict) -> None:
     dataset = Dataset.from_list(rows[: spec["limit"]] if spec["limit"] else rows)
     tokenizer = AutoTokenizer.from_pretrained(folder)
 
-    class StepTimer(TrainerCallback):
-        def __init__(self):
-            self.begin: list[float] = []
-            self.end: list[float] = []
-
-        def on_train_begin(self, args, state, control, **kwargs):
-            self.start = time.perf_counter()
-
-        def on_step_begin(self, args, state, control, **kwargs):
-            self.begin.append(time.perf_counter())
-
-        def on_step_end(self, args, state, control, **kwargs):
-            self.end.append(time.perf_counter())
-
     common = {
-        "output_dir": spec["output_dir"],
-        "per_device_train_batch_size": spec["batch"],
-        "gradient_accumulation_steps": 1,
-        "max_steps": spec["steps"],
-        "learning_rate": spec["lr"],
-        "lr_scheduler_type": "constant",
-        "warmup_steps": 0,
-        "optim": "adamw_torch",
-        "weight_decay": 0.0,
-        "max_grad_norm": 1.0,
-        "bf16": False,
-        "fp16": False,
-        "gradient_checkpointing": False,
-        "use_cpu": True,
-        "dataloader_num_workers": 0,
-        "report_to": "none",
-        "save_strategy": "no",
-        "eval_strategy": "no",
-        "logging_strategy": "no",
-        "disable_tqdm": True,
-        "seed": 42,
+        **trl_training_args(spec["output_dir"], spec["batch"], spec["steps"], spec["lr"]),
         "max_length": spec["max_length"],
     }
-    timer = StepTimer()
+    timer = step_timer()
     extra: dict[str, float] = {}
     setup = time.perf_counter()
     if kind == "dpo":

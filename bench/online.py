@@ -45,8 +45,20 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-CACHE = ROOT / ".cache"
+from bench._common import (
+    CACHE,
+    ROOT,
+    child_env,
+    median,
+    steady_rate,
+    step_timer,
+    tail,
+    trl_training_args,
+    versions,
+)
+
+VERSIONED = ("torch", "transformers", "trl", "deepspeed", "ray", "accelerate")
+
 RESULT_TAG = "BENCH_RESULT "
 REWARD = "rlhf.rewards:vader_sentiment"
 KL_COEF = 0.05
@@ -179,39 +191,13 @@ class Result:
     error: str | None = None
 
 
-def steady_rate(step_s: list[float], rows: int, warmup: int) -> float | None:
-    timed = step_s[warmup:]
-    return rows * len(timed) / sum(timed) if timed else None
-
-
-def _env() -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
-    env.update(
-        OMP_NUM_THREADS="1",
-        MKL_NUM_THREADS="1",
-        TOKENIZERS_PARALLELISM="false",
-        RLHF_CACHE_DIR=str(CACHE / "rlhf"),
-        TORCH_EXTENSIONS_DIR=str(CACHE / "torch_extensions"),
-        HF_HUB_OFFLINE="1",
-        HF_DATASETS_OFFLINE="1",
-        TRANSFORMERS_OFFLINE="1",
-        TQDM_DISABLE="1",
-        PYTHONPATH=str(ROOT),
-    )
-    return env
-
-
-def _tail(text: str, n: int = 25) -> str:
-    return "\n".join(text.strip().splitlines()[-n:])
-
-
 def _run(cmd: list[str], log: Path) -> tuple[int, str, float]:
     """Run cmd from the repository root with output to `log`: (exit status, output, wall s)."""
     log.parent.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
     with log.open("w") as out:
         rc = subprocess.run(
-            cmd, cwd=ROOT, env=_env(), stdout=out, stderr=subprocess.STDOUT
+            cmd, cwd=ROOT, env=child_env(), stdout=out, stderr=subprocess.STDOUT
         ).returncode
     return rc, log.read_text(), time.perf_counter() - started
 
@@ -235,7 +221,7 @@ def run_ours(w: Workload, steps: int, warmup: int, out_dir: Path) -> Result:
     rc, output, wall = _run(cmd, out_dir.with_name(out_dir.name + ".log"))
     summary_path = out_dir / "summary.json"
     if rc != 0 or not summary_path.exists():
-        return Result(error=f"rc={rc}: {_tail(output)}", wall_s=wall)
+        return Result(error=f"rc={rc}: {tail(output)}", wall_s=wall)
     summary = json.loads(summary_path.read_text())
     rows = [json.loads(x) for x in (out_dir / "metrics.jsonl").read_text().splitlines() if x]
     rows = sorted((r for r in rows if "timing/step" in r), key=lambda r: r["step"])
@@ -271,7 +257,7 @@ def run_trl(w: Workload, steps: int, warmup: int, out_dir: Path) -> Result:
     rc, output, wall = _run(cmd, out_dir.with_name(out_dir.name + ".log"))
     lines = [x for x in output.splitlines() if x.startswith(RESULT_TAG)]
     if rc != 0 or not lines:
-        return Result(error=f"rc={rc}: {_tail(output)}", wall_s=wall)
+        return Result(error=f"rc={rc}: {tail(output)}", wall_s=wall)
     got = json.loads(lines[-1][len(RESULT_TAG) :])
     return Result(
         samples_per_s=got["samples_per_s"], step_s=got["step_s"], extra=got["extra"], wall_s=wall
@@ -383,11 +369,6 @@ def run_all(names: list[str], args, work: Path) -> dict[str, dict[str, list[Resu
 # ----------------------------------------------------------------------------- the report
 
 
-def _median(values) -> float | None:
-    values = [v for v in values if v is not None]
-    return statistics.median(values) if values else None
-
-
 def _fmt(x: float | None, spec: str = ".1f") -> str:
     return format(x, spec) if x is not None else "-"
 
@@ -413,13 +394,13 @@ def table(done: dict[str, dict[str, list[Result]]]) -> list[str]:
             continue
         ours = _ok(done[w.name]["ours"])
         trl = _ok(done[w.name].get("trl", []))
-        a, b = _median(r.samples_per_s for r in ours), _median(r.samples_per_s for r in trl)
+        a, b = median(r.samples_per_s for r in ours), median(r.samples_per_s for r in trl)
         ratio = a / b if a and b else None
         target = f">= {w.target:.1f}x" if w.target else "report"
         met = "-" if not w.target or ratio is None else ("yes" if ratio >= w.target else "NO")
-        phases = [_fmt(_median(r.phases.get(k) for r in ours), ".3f") for k in PHASES[:-1]]
-        tokens = _fmt(_median(r.phases.get(PHASES[-1]) for r in ours), ".0f")
-        summary = _rate(_median(r.extra.get("summary_samples_per_s") for r in ours))
+        phases = [_fmt(median(r.phases.get(k) for r in ours), ".3f") for k in PHASES[:-1]]
+        tokens = _fmt(median(r.phases.get(PHASES[-1]) for r in ours), ".0f")
+        summary = _rate(median(r.extra.get("summary_samples_per_s") for r in ours))
         shown = f"{ratio:.2f}x" if ratio is not None else ("-" if w.trl else "n/a")
         lines.append(
             f"| {w.name} | {_rate(a) if ours else 'failed'} "
@@ -440,28 +421,16 @@ def details(done: dict[str, dict[str, list[Result]]], warmup: int) -> list[str]:
             continue
         for side, results in res.items():
             rates = ", ".join("failed" if r.error else _rate(r.samples_per_s) for r in results)
-            step = _median(s for r in _ok(results) for s in r.step_s[warmup:])
+            step = median(s for r in _ok(results) for s in r.step_s[warmup:])
             walls = ", ".join(f"{r.wall_s:.0f}" for r in results if r.wall_s)
             keys = sorted({k for r in results for k in r.extra})
-            notes = [f"{k}={_median(r.extra.get(k) for r in _ok(results)) or 0:.2f}" for k in keys]
+            notes = [f"{k}={median(r.extra.get(k) for r in _ok(results)) or 0:.2f}" for k in keys]
             errors = [r.error.splitlines()[-1][:160] for r in results if r.error]
             lines.append(
                 f"| {name} | {side} | {rates} | {_fmt(step, '.3f')} | {walls} "
                 f"| {'; '.join(notes + errors).replace('|', '/')} |"
             )
     return lines
-
-
-def versions() -> str:
-    from importlib.metadata import PackageNotFoundError, version
-
-    out = []
-    for pkg in ("torch", "transformers", "trl", "deepspeed", "ray", "accelerate"):
-        try:
-            out.append(f"{pkg} {version(pkg)}")
-        except PackageNotFoundError:
-            out.append(f"{pkg} (not installed)")
-    return ", ".join(out)
 
 
 TRL_SETTINGS = """\
@@ -516,7 +485,7 @@ def report(done, args, load: tuple, elapsed: float) -> str:
         f"{os.cpu_count()} CPUs, load average {load[0]:.2f} before and {load[1]:.2f} after"
         + (f"; waited {waited / 60:.1f} min for an idle machine." if args.wait_idle else "."),
         "",
-        f"{versions()}.",
+        f"{versions(VERSIONED)}.",
         "",
         f"Steps per run: tiny {args.steps}, SmolLM2 {args.smollm2_steps}; the first "
         f"{args.warmup} are warm-up and left out. Medians of {args.repeats} interleaved "
@@ -556,7 +525,7 @@ def trl_worker(spec: dict) -> None:
     torch.set_num_threads(1)
     import trl
     from datasets import Dataset
-    from transformers import AutoTokenizer, TrainerCallback
+    from transformers import AutoTokenizer
 
     from rlhf.assets import build_tiny, prepare_smollm2
     from rlhf.data.synthetic import reviews
@@ -575,24 +544,10 @@ def trl_worker(spec: dict) -> None:
         texts = [c[-1]["content"] if isinstance(c, list) else c for c in completions]
         return [float(x) for x in vader_sentiment(list(prompts), texts)]
 
-    class StepTimer(TrainerCallback):
-        def __init__(self):
-            self.begin: list[float] = []
-            self.end: list[float] = []
-
-        def on_train_begin(self, args, state, control, **kwargs):
-            self.start = time.perf_counter()
-
-        def on_step_begin(self, args, state, control, **kwargs):
-            self.begin.append(time.perf_counter())
-
-        def on_step_end(self, args, state, control, **kwargs):
-            self.end.append(time.perf_counter())
-
     common = {
-        "output_dir": spec["output_dir"],
-        "per_device_train_batch_size": spec["prompts"] * spec["samples"],
-        "gradient_accumulation_steps": 1,
+        **trl_training_args(
+            spec["output_dir"], spec["prompts"] * spec["samples"], spec["steps"], spec["lr"]
+        ),
         "num_generations": spec["samples"],
         "num_iterations": 1,
         "max_completion_length": spec["max_new_tokens"],
@@ -601,27 +556,9 @@ def trl_worker(spec: dict) -> None:
         "top_p": 1.0,
         "beta": KL_COEF,
         "epsilon": 0.2,
-        "max_steps": spec["steps"],
-        "learning_rate": spec["lr"],
-        "lr_scheduler_type": "constant",
-        "warmup_steps": 0,
-        "optim": "adamw_torch",
-        "weight_decay": 0.0,
-        "max_grad_norm": 1.0,
-        "bf16": False,
-        "fp16": False,
-        "gradient_checkpointing": False,
-        "use_cpu": True,
-        "dataloader_num_workers": 0,
-        "report_to": "none",
-        "save_strategy": "no",
-        "eval_strategy": "no",
-        "logging_strategy": "no",
-        "disable_tqdm": True,
-        "seed": 42,
         "model_init_kwargs": {"dtype": torch.float32},
     }
-    timer = StepTimer()
+    timer = step_timer()
     setup = time.perf_counter()
     if spec["trainer"] == "grpo":
         config_cls, trainer_cls = trl.GRPOConfig, trl.GRPOTrainer

@@ -72,6 +72,20 @@ def ppo_config(tmp_path: Path, model: Path, **sections) -> Path:
     return path
 
 
+def critic_free_config(tmp_path: Path, model: Path, **ppo) -> Path:
+    """8 prompts x 4 samples per step (GRPO, RLOO): the ppo section gets `ppo`."""
+    return ppo_config(
+        tmp_path,
+        model,
+        train={"global_batch_size": 8, "micro_batch_size": 8, "lr": 1e-3},
+        roles={
+            "reward": {"type": "function", "function": "tests.reward_fns:positive_words"},
+            "rollout": {"max_new_tokens": 24, "temperature": 1.0, "n_samples_per_prompt": 4},
+        },
+        ppo=ppo,
+    )
+
+
 def rows(tmp_path: Path) -> list[dict]:
     return [json.loads(x) for x in (tmp_path / "out" / "metrics.jsonl").read_text().splitlines()]
 
@@ -130,15 +144,8 @@ def test_ppo_with_critic_learns_the_reward(sft_model, tmp_path):
 )
 def test_grpo_learns_without_a_critic_and_adaptive_kl_rises(sft_model, tmp_path, kl):
     rlhf_train(
-        ppo_config(
-            tmp_path,
-            sft_model,
-            train={"global_batch_size": 8, "micro_batch_size": 8, "lr": 1e-3},
-            roles={
-                "reward": {"type": "function", "function": "tests.reward_fns:positive_words"},
-                "rollout": {"max_new_tokens": 24, "temperature": 1.0, "n_samples_per_prompt": 4},
-            },
-            ppo={"estimator": "grpo", "kl_target": 0.5, "kl_horizon": 100, **kl},
+        critic_free_config(
+            tmp_path, sft_model, estimator="grpo", kl_target=0.5, kl_horizon=100, **kl
         )
     )
     r = rows(tmp_path)
@@ -169,16 +176,7 @@ def test_rloo_learns_with_the_engines_log_probs_as_old(sft_model, tmp_path):
     HF engine's log-probs are the trainer's, within 1e-5, in fp32): it learns, KL stays finite,
     and the ratio of the first update stays at 1."""
     rlhf_train(
-        ppo_config(
-            tmp_path,
-            sft_model,
-            train={"global_batch_size": 8, "micro_batch_size": 8, "lr": 1e-3},
-            roles={
-                "reward": {"type": "function", "function": "tests.reward_fns:positive_words"},
-                "rollout": {"max_new_tokens": 24, "temperature": 1.0, "n_samples_per_prompt": 4},
-            },
-            ppo={"estimator": "rloo", "old_logps": "rollout", "ppo_epochs": 1},
-        )
+        critic_free_config(tmp_path, sft_model, estimator="rloo", old_logps="rollout", ppo_epochs=1)
     )
     r = rows(tmp_path)
     first, last = mean(x["reward/mean"] for x in r[:5]), mean(x["reward/mean"] for x in r[-5:])

@@ -49,6 +49,10 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from bench._common import versions
+
+VERSIONED = ("torch", "deepspeed", "ray", "transformers", "peft", "bitsandbytes", "vllm")
+
 ROOT = Path(__file__).resolve().parents[2]
 #: Configs, relative to the repository root (the subprocesses run there).
 DPO_CONFIG = Path("configs/quickstart/dpo_smollm2.yaml")
@@ -639,18 +643,6 @@ def gpu_names() -> str:
     return "; ".join(f"GPU {i}: {line}" for i, line in enumerate(out)) or "no GPU listed"
 
 
-def versions() -> str:
-    from importlib.metadata import PackageNotFoundError, version
-
-    out = []
-    for pkg in ("torch", "deepspeed", "ray", "transformers", "peft", "bitsandbytes", "vllm"):
-        try:
-            out.append(f"{pkg} {version(pkg)}")
-        except PackageNotFoundError:
-            out.append(f"{pkg} (not installed)")
-    return ", ".join(out)
-
-
 def table(rows: list[tuple[str, str, str, str]]) -> list[str]:
     lines = ["| check | setting | result | status |", "|---|---|---|---|"]
     for row in rows:
@@ -680,7 +672,7 @@ def report(rows, outcomes: list[Outcome], argv: list[str], elapsed: float, work:
         f"`python -m bench.gpu.run {shlex.join(argv)}` on {time.strftime('%Y-%m-%d %H:%M')}, "
         f"{elapsed / 60:.1f} min; {gpu_names()}.",
         "",
-        f"{versions()}.",
+        f"{versions(VERSIONED)}.",
         "",
         *table(rows),
         "",
