@@ -3,9 +3,11 @@
 The group is built straight from a TCPStore (rank 0 = the policy's rank 0, ranks 1.. = the
 rollout engines), beside each process's training group: gloo on CPU, NCCL on GPU. Weights
 are gathered parameter by parameter (one at a time under ZeRO-3, so no rank ever holds the
-whole model twice) and packed, in order, into flat byte buckets of at most BUCKET_BYTES; one
-broadcast per bucket (a broadcast per tensor spent most of a small model's sync on latency:
-~0.5 ms each on gloo). Both sides derive the same bucket layout from the weight specs. LoRA
+whole model twice). Tensors of DIRECT_BYTES or more are broadcast as they are (straight into
+the HF engine's parameter on arrival); smaller ones are packed, in order, into flat byte
+buckets of at most BUCKET_BYTES, one broadcast per bucket: a broadcast per small tensor spent
+most of a small model's sync on latency (~0.5 ms each on gloo), and staging the large ones
+would only add a copy. Both sides derive the same layout from the weight specs. LoRA
 policies send merged weights under the base model's names.
 """
 
@@ -21,8 +23,10 @@ from torch.distributed import TCPStore
 TIMEOUT = datetime.timedelta(seconds=600)
 WeightSpec = tuple[str, list[int], str]  # name, shape, dtype name
 
-#: Largest bucket (a tensor bigger than this travels alone, in a bucket of its own size).
-BUCKET_BYTES = 256 * 2**20
+#: Largest bucket of packed small tensors.
+BUCKET_BYTES = 64 * 2**20
+#: Tensors at least this large travel alone, unstaged.
+DIRECT_BYTES = 2**20
 #: Each tensor starts at a multiple of this many bytes inside its bucket (dtype views need it).
 ALIGN = 64
 
@@ -32,25 +36,36 @@ def spec_nbytes(spec: WeightSpec) -> int:
     return math.prod(shape) * torch.empty((), dtype=getattr(torch, dtype)).element_size()
 
 
-def plan_buckets(specs: list[WeightSpec], cap: int = BUCKET_BYTES) -> list[list[tuple[int, int]]]:
-    """Consecutive specs packed into buckets: per bucket, (spec index, byte offset) pairs.
+def plan_buckets(
+    specs: list[WeightSpec], cap: int = BUCKET_BYTES, direct: int = DIRECT_BYTES
+) -> list[list[tuple[int, int]]]:
+    """Consecutive specs grouped for transfer: per bucket, (spec index, byte offset) pairs.
 
-    A bucket closes before a tensor that would take it past `cap`; offsets are ALIGN-aligned.
-    Sender and receivers call this on the same specs, so they agree on every byte.
+    A tensor of `direct` bytes or more is a bucket of its own, sent unstaged (is_direct);
+    the others are packed, a bucket closing before a tensor that would take it past `cap`,
+    offsets ALIGN-aligned. Sender and receivers call this on the same specs, so they agree
+    on every byte.
     """
     buckets: list[list[tuple[int, int]]] = []
     current: list[tuple[int, int]] = []
     size = 0
     for i, spec in enumerate(specs):
         n = spec_nbytes(spec)
-        if current and size + n > cap:
+        if current and (n >= direct or size + n > cap):
             buckets.append(current)
             current, size = [], 0
+        if n >= direct:
+            buckets.append([(i, 0)])
+            continue
         current.append((i, size))
         size += -(-n // ALIGN) * ALIGN
     if current:
         buckets.append(current)
     return buckets
+
+
+def is_direct(specs: list[WeightSpec], bucket: list[tuple[int, int]], direct: int) -> bool:
+    return len(bucket) == 1 and spec_nbytes(specs[bucket[0][0]]) >= direct
 
 
 def bucket_nbytes(specs: list[WeightSpec], bucket: list[tuple[int, int]]) -> int:
@@ -65,11 +80,21 @@ class BucketSender:
     next bucket is packed into it.
     """
 
-    def __init__(self, group, specs: list[WeightSpec], device: str, cap: int = BUCKET_BYTES):
+    def __init__(
+        self,
+        group,
+        specs: list[WeightSpec],
+        device: str,
+        cap: int = BUCKET_BYTES,
+        direct: int = DIRECT_BYTES,
+    ):
         self.group, self.specs = group, specs
-        self.buckets = plan_buckets(specs, cap)
-        largest = max((bucket_nbytes(specs, b) for b in self.buckets), default=0)
-        self.buffer = torch.empty(largest, dtype=torch.uint8, device=device)
+        self.buckets = plan_buckets(specs, cap, direct)
+        self.direct = [is_direct(specs, b, direct) for b in self.buckets]
+        staged = [
+            bucket_nbytes(specs, b) for b, d in zip(self.buckets, self.direct, strict=True) if not d
+        ]
+        self.buffer = torch.empty(max(staged, default=0), dtype=torch.uint8, device=device)
         self.begin()
 
     def begin(self) -> None:
@@ -84,10 +109,14 @@ class BucketSender:
                 f"weight {name!r}: sending {tuple(tensor.shape)} {tensor.dtype}, "
                 f"the receivers expect {tuple(shape)} {dtype}"
             )
-        flat = tensor.detach().contiguous().view(-1).view(torch.uint8)
-        self.buffer[offset : offset + flat.numel()].copy_(flat)
         self.slot += 1
         self.sent += 1
+        if self.direct[self.bucket]:
+            self.group.broadcast(tensor.detach().contiguous(), 0).wait()
+            self.bucket, self.slot = self.bucket + 1, 0
+            return
+        flat = tensor.detach().contiguous().view(-1).view(torch.uint8)
+        self.buffer[offset : offset + flat.numel()].copy_(flat)
         if self.slot == len(self.buckets[self.bucket]):
             size = bucket_nbytes(self.specs, self.buckets[self.bucket])
             self.group.broadcast(self.buffer[:size], 0).wait()
@@ -145,11 +174,24 @@ class WeightReceiver:
         self.device = device
 
     def receive(
-        self, specs: list[WeightSpec], cap: int = BUCKET_BYTES
+        self,
+        specs: list[WeightSpec],
+        cap: int = BUCKET_BYTES,
+        direct: int = DIRECT_BYTES,
+        into: dict[str, torch.Tensor] | None = None,
     ) -> Iterator[tuple[str, torch.Tensor]]:
-        """(name, tensor) in spec order; each tensor is a view into its bucket's own buffer
-        (a fresh one per bucket, so consumers may keep what they are given)."""
-        for bucket in plan_buckets(specs, cap):
+        """(name, tensor) in spec order. A packed tensor is a view into its bucket's own
+        buffer (a fresh one per bucket, so consumers may keep what they are given); a direct
+        one arrives in a fresh tensor, or in place in `into[name]` when that matches it."""
+        for bucket in plan_buckets(specs, cap, direct):
+            if is_direct(specs, bucket, direct):
+                name, shape, dtype = specs[bucket[0][0]]
+                target = (into or {}).get(name)
+                if not _fits(target, shape, dtype):
+                    target = torch.empty(shape, dtype=getattr(torch, dtype), device=self.device)
+                self.group.broadcast(target, 0).wait()
+                yield name, target
+                continue
             buf = torch.empty(bucket_nbytes(specs, bucket), dtype=torch.uint8, device=self.device)
             self.group.broadcast(buf, 0).wait()
             for index, offset in bucket:
@@ -163,7 +205,18 @@ class WeightReceiver:
         if missing:
             raise KeyError(f"rollout model has no parameter {missing[0]!r} (architectures differ?)")
         count = 0
-        for name, tensor in self.receive(specs):
-            params[name].data.copy_(tensor)
+        data = {name: p.data for name, p in params.items()}
+        for name, tensor in self.receive(specs, into=data):
+            if tensor.data_ptr() != data[name].data_ptr():  # direct ones arrived in place
+                data[name].copy_(tensor)
             count += 1
         return count
+
+
+def _fits(target: torch.Tensor | None, shape: list[int], dtype: str) -> bool:
+    return (
+        target is not None
+        and target.is_contiguous()
+        and list(target.shape) == list(shape)
+        and target.dtype == getattr(torch, dtype)
+    )

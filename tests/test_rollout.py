@@ -114,8 +114,9 @@ def test_rollout_logps_match_a_forward_pass(ray_local, tiny_path, tiny_tokenizer
 
 
 def test_weight_buckets_layout_and_a_real_gloo_transfer():
-    """The bucket plan (cap, alignment, an oversized tensor alone) and a transfer over a real
-    gloo group (sender and receiver as two threads) that must arrive bit-exact, mixed dtypes."""
+    """The bucket plan (cap, alignment, a large tensor alone and unstaged) and transfers over a
+    real gloo group (sender and receiver as two threads) that must arrive bit-exact, mixed
+    dtypes, the direct tensor in place when the receiver offers a matching one."""
     import threading
 
     from actors.base import free_port
@@ -124,6 +125,7 @@ def test_weight_buckets_layout_and_a_real_gloo_transfer():
         BucketSender,
         WeightReceiver,
         bucket_nbytes,
+        is_direct,
         open_group,
         plan_buckets,
         spec_nbytes,
@@ -133,38 +135,43 @@ def test_weight_buckets_layout_and_a_real_gloo_transfer():
     tensors = {
         "a": torch.randn(3, 5, generator=g),  # 60 bytes
         "b": torch.randn(7, generator=g).bfloat16(),  # 14 bytes
-        "big": torch.randn(40, generator=g),  # 160 bytes: over the cap, travels alone
+        "big": torch.randn(40, generator=g),  # 160 bytes: direct (>= 150), travels alone
         "c": torch.randint(-9, 9, (2, 2), generator=g),  # int64, 32 bytes
         "d": torch.randn(1, generator=g),
+        "e": torch.randn(30, generator=g),  # 120 bytes: packed, but c + d + e > cap
     }
     specs = [(k, list(v.shape), str(v.dtype).replace("torch.", "")) for k, v in tensors.items()]
-    cap = 100
-    buckets = plan_buckets(specs, cap)
-    assert [[specs[i][0] for i, _ in b] for b in buckets] == [["a", "b"], ["big"], ["c", "d"]]
+    cap, direct = 130, 150
+    buckets = plan_buckets(specs, cap, direct)
+    names = [[specs[i][0] for i, _ in b] for b in buckets]
+    assert names == [["a", "b"], ["big"], ["c", "d"], ["e"]]
+    assert [is_direct(specs, b, direct) for b in buckets] == [False, True, False, False]
     for b in buckets:
         offsets = [o for _, o in b]
         assert offsets[0] == 0 and all(o % ALIGN == 0 for o in offsets)
         assert bucket_nbytes(specs, b) <= cap or len(b) == 1
         ends = [o + spec_nbytes(specs[i]) for i, o in b]
         assert all(e <= o for e, o in zip(ends, offsets[1:], strict=False))  # no overlap
-    one = plan_buckets(specs, 10**9)
+    one = plan_buckets(specs, 10**9, 10**9)
     assert len(one) == 1 and [i for i, _ in one[0]] == list(range(len(specs)))
 
     rounds = [tensors, {k: (v * 2 if v.is_floating_point() else v + 1) for k, v in tensors.items()}]
     port, received, errors = free_port(), [{}, {}], []
+    landing = torch.zeros(40)  # offered for "big" in the second transfer
 
     def receive():
         try:
             receiver = WeightReceiver("127.0.0.1", port, 2, 1, "cpu")
-            for got in received:
-                for name, t in receiver.receive(specs, cap):
+            for got, into in zip(received, [None, {"big": landing}], strict=True):
+                for name, t in receiver.receive(specs, cap, direct, into=into):
                     got[name] = t
         except Exception as err:  # pragma: no cover - reported below
             errors.append(err)
 
     thread = threading.Thread(target=receive)
     thread.start()
-    sender = BucketSender(open_group("127.0.0.1", port, 2, 0, "cpu"), specs, "cpu", cap)
+    sender = BucketSender(open_group("127.0.0.1", port, 2, 0, "cpu"), specs, "cpu", cap, direct)
+    assert sender.buffer.numel() == 120  # "e", the largest staged bucket ("big" is not staged)
     for sent in rounds:  # the staging buffer is reused from one transfer to the next
         sender.begin()
         for t in sent.values():
@@ -176,6 +183,8 @@ def test_weight_buckets_layout_and_a_real_gloo_transfer():
         assert list(got) == list(sent)
         for name, t in sent.items():
             assert got[name].dtype == t.dtype and torch.equal(got[name], t), name
+    assert received[1]["big"].data_ptr() == landing.data_ptr()
+    assert received[0]["big"].data_ptr() != landing.data_ptr()
     with pytest.raises(ValueError, match="'a'"):
         sender.begin()
         sender.add(torch.zeros(2, 2))
