@@ -494,8 +494,6 @@ class OnlineRun:
                 rollout = self.collect_rollout(pending)
                 t1 = time.perf_counter()
                 exp, metrics = self.make_experience(rollout)
-                if not self.kl_in_loss:
-                    self.kl.update(metrics["kl/seq"], exp.input_ids.shape[0])
                 t2 = time.perf_counter()
                 # Queued back to back: the updates, the weight sync behind them on the policy,
                 # and (when nothing runs between the steps) the next rollout behind the sync on
@@ -509,7 +507,8 @@ class OnlineRun:
                 metrics.update(self.collect_updates(updates))
                 if self.kl_in_loss:  # measured by the updates, on the policy before each step
                     metrics["kl/seq"] = metrics["policy/kl_seq"]
-                    self.kl.update(metrics["kl/seq"], exp.input_ids.shape[0])
+                # After the updates were queued: with the KL in the loss they carry this step's β.
+                self.kl.update(metrics["kl/seq"], exp.input_ids.shape[0])
                 t3 = time.perf_counter()
                 gather(synced)
                 t4 = time.perf_counter()

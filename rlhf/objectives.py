@@ -213,11 +213,15 @@ def response_start(action_mask: torch.Tensor) -> int:
     return int(cols[0]) if len(cols) else 0
 
 
+def logps_from(logits: torch.Tensor, input_ids: torch.Tensor, start: int) -> torch.Tensor:
+    """Next-token log-probs [B, T-1] from `causal_logits(..., start)`: 0 before column `start`."""
+    return F.pad(shifted_token_logps(logits, input_ids[:, start:]), (start, 0))
+
+
 def token_logps(model, input_ids, attention_mask, start: int = 0) -> torch.Tensor:
     """Next-token log-probs [B, T-1] (column t scores token t+1). Columns before `start` (the
     prompt, when only the response counts) are 0 and never computed."""
-    logits = causal_logits(model, input_ids, attention_mask, start)
-    return F.pad(shifted_token_logps(logits, input_ids[:, start:]), (start, 0))
+    return logps_from(causal_logits(model, input_ids, attention_mask, start), input_ids, start)
 
 
 def token_values(critic, input_ids, attention_mask) -> torch.Tensor:
@@ -238,7 +242,7 @@ def ppo_policy_objective(
     # Only the response's logits: everything per token is 0 before the first action column.
     start = response_start(exp.action_mask)
     logits = causal_logits(model, exp.input_ids, exp.attention_mask, start)
-    logps = F.pad(shifted_token_logps(logits, exp.input_ids[:, start:]), (start, 0))
+    logps = logps_from(logits, exp.input_ids, start)
     old = logps.detach() if exp.old_logps is None else exp.old_logps
     loss, metrics = policy_loss(
         logps,
