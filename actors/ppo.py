@@ -30,7 +30,7 @@ from actors.coordinator import (
 from actors.group import ActorGroup, ClusterPlacement, WeightSync, gather, start_placement
 from actors.metrics import MetricsLogger
 from actors.policy import CriticTrainer
-from actors.reward import RewardModel
+from actors.reward import RewardModel, make_scorer
 from actors.rollout import Rollout, RolloutGenerator
 from rlhf.advantages import RunningMeanStd
 from rlhf.config import RunConfig, dump_config
@@ -201,6 +201,8 @@ class OnlineRun:
         self.kl = make_kl_controller(cfg.ppo.kl_coef, cfg.ppo.kl_target, cfg.ppo.kl_horizon)
         self.normalizer = RunningMeanStd() if cfg.roles.reward.normalize else None
         self.critic: CriticGroup | None = None
+        self.reward: RewardGroup | None = None
+        self.scorer = None  # the reward source when it runs in the driver (reward.run_in)
         self.eval_samples: list[list[tuple[str, str, float]]] = []
         self.reference: ReferenceGroup | None = None
 
@@ -213,7 +215,10 @@ class OnlineRun:
         self.placement = placement = start_placement(self.cfg)
         self.policy = PolicyGroup(self.cfg, self.updates, placement)
         self.rollout = RolloutGroup(self.cfg, placement)
-        self.reward = RewardGroup(self.cfg, placement)
+        if self.cfg.roles.reward.in_driver:
+            self.scorer = make_scorer(self.cfg)
+        else:
+            self.reward = RewardGroup(self.cfg, placement)
         if self.cfg.needs_critic:
             self.critic = CriticGroup(self.cfg, self.updates, placement)
         if self.cfg.needs_reference:
@@ -323,7 +328,7 @@ class OnlineRun:
         r = merge_rollouts(parts, self.tokenizer.pad_token_id)
         prompts = [self.eval_prompts[int(i)].prompt_text for i in r.prompt_index]
         responses = self._decode(r)
-        scores = gather([self.reward.actors[0].score.remote(prompts, responses)])[0]
+        scores = self.fetch_scores(self.submit_scores(prompts, responses))
         self.eval_samples.append(
             [(p, t, s) for p, t, s in zip(prompts, responses, scores.tolist(), strict=True)][:3]
         )
@@ -331,6 +336,17 @@ class OnlineRun:
             "eval/reward/mean": scores.mean().item(),
             "eval/reward/std": scores.std().item() if len(scores) > 1 else 0.0,
         }
+
+    def submit_scores(self, prompts: list[str], responses: list[str]):
+        """Start scoring on the reward actor (a ref), or score here when the reward runs in the
+        driver (a tensor): call it after the actors' work is submitted, so that both overlap."""
+        if self.scorer is not None:
+            return self.scorer(prompts, responses)
+        return self.reward.actors[0].score.remote(prompts, responses)
+
+    @staticmethod
+    def fetch_scores(handle) -> torch.Tensor:
+        return handle if isinstance(handle, torch.Tensor) else gather([handle])[0]
 
     def _decode(self, r: Rollout) -> list[str]:
         rows = [row[m].tolist() for row, m in zip(r.response_ids, r.response_mask, strict=True)]
@@ -374,13 +390,13 @@ class OnlineRun:
                 self.policy, lambda a, x: a.forward.remote(x, start), ids, attention
             )
         value_refs = self._forward(self.critic, lambda a, x: a.forward.remote(x), ids, attention)
-        score_ref = self.reward.actors[0].score.remote(prompt_text, responses)
+        scores = self.submit_scores(prompt_text, responses)
         self.pending_ref = ref_refs if self.kl_in_loss else None
         ref = None if self.kl_in_loss else _rows(ref_refs)
         old, values = _rows(old_refs), _rows(value_refs)
         if self.old_logps_source == "rollout":
             old = rollout_token_logps(r)
-        scores = gather([score_ref])[0]
+        scores = self.fetch_scores(scores)
         has_eos = torch.tensor([f == "stop" for f in r.finish])
         zeros = torch.zeros(action.shape)
         coef = 0.0 if self.kl_in_loss else self.kl.value

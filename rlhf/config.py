@@ -312,12 +312,28 @@ class RewardConfig(_Section):
     """Subtracted from the score of responses truncated before EOS."""
     resources: RoleResources = RoleResources()
     """Placement of the reward ranks."""
+    run_in: Literal["auto", "actor", "driver"] = "auto"
+    """Where scoring runs: `actor` (a reward actor, with `resources`) or `driver` (in the
+    coordinator, no Ray call per step; not for `type: model`). `auto` = driver for a function
+    on no GPU, else actor."""
+
+    @property
+    def in_driver(self) -> bool:
+        """Scores are computed in the coordinator's process, without a reward actor."""
+        if self.run_in == "auto":
+            return self.type == "function" and self.resources.gpus_per_rank == 0
+        return self.run_in == "driver"
 
     @model_validator(mode="after")
     def _check(self) -> RewardConfig:
         need = {"model": "model", "function": "function", "http": "url"}.get(self.type)
         if need and getattr(self, need) is None:
             raise ValueError(f"reward.type={self.type} needs reward.{need}")
+        if self.run_in == "driver" and self.type == "model":
+            raise ValueError(
+                "reward.run_in=driver: a reward model runs in an actor (its own resources); "
+                "use run_in: actor or auto"
+            )
         if self.function is not None and not re.fullmatch(r"[\w.]+:\w+", self.function):
             raise ValueError(
                 f"reward.function must look like 'package.module:function', got {self.function!r}"

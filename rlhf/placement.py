@@ -316,7 +316,9 @@ def active_roles(cfg: RunConfig) -> list[str]:
     if cfg.needs_reference:
         roles.add("reference")
     if cfg.algorithm == "ppo":
-        roles |= {"rollout", "reward"} | ({"critic"} if cfg.needs_critic else set())
+        roles |= {"rollout"} | ({"critic"} if cfg.needs_critic else set())
+        if not cfg.roles.reward.in_driver:
+            roles.add("reward")
     return [r for r in ROLES if r in roles]
 
 

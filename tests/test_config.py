@@ -129,6 +129,14 @@ def test_overrides_on_top_of_yaml(tmp_path):
         (["dpo.loss_type=robust"], "needs dpo.label_smoothing > 0"),
         (["roles.reward.type=http"], "reward.type=http needs reward.url"),
         (
+            [
+                "roles.reward.type=model",
+                "roles.reward.model.name_or_path=builtin:tiny",
+                "roles.reward.run_in=driver",
+            ],
+            "a reward model runs in an actor",
+        ),
+        (
             ["roles.reward.type=function", "roles.reward.function=not a path"],
             "must look like 'package.module:function'",
         ),
@@ -141,6 +149,44 @@ def test_bad_configs_fail_with_a_clear_message(overrides, message):
     with pytest.raises(ConfigError) as err:
         load_config(None, overrides)
     assert message in str(err.value)
+
+
+@pytest.mark.parametrize(
+    "overrides, in_driver",
+    [
+        (["roles.reward.type=function", "roles.reward.function=m:f"], True),
+        (
+            [
+                "roles.reward.type=function",
+                "roles.reward.function=m:f",
+                "roles.reward.run_in=actor",
+            ],
+            False,
+        ),
+        # A function that asks for a GPU (it runs a model itself) gets an actor with that GPU.
+        (
+            [
+                "roles.reward.type=function",
+                "roles.reward.function=m:f",
+                "roles.reward.resources.gpus_per_rank=1",
+            ],
+            False,
+        ),
+        (["roles.reward.type=http", "roles.reward.url=http://127.0.0.1:1/score"], False),
+        (
+            [
+                "roles.reward.type=http",
+                "roles.reward.url=http://127.0.0.1:1/score",
+                "roles.reward.run_in=driver",
+            ],
+            True,
+        ),
+        (["roles.reward.type=model", "roles.reward.model.name_or_path=builtin:tiny"], False),
+    ],
+)
+def test_reward_runs_in_the_driver_for_a_cpu_function_by_default(overrides, in_driver):
+    cfg = load_config(None, overrides)
+    assert cfg.roles.reward.in_driver is in_driver
 
 
 def test_malformed_override_and_files(tmp_path):

@@ -75,7 +75,7 @@ def kill_role(out: Path, role: str) -> int:
 def test_killed_actor_stops_the_run_and_resume_continues(tmp_path):
     config = ppo_config(tmp_path, steps=40, every=2)
     out = tmp_path / "out"
-    proc = start(config)
+    proc = start(config, "roles.reward.run_in=actor")  # a function scores in the driver by default
     wait_for_checkpoint(out, proc, 2)
     kill_role(out, "reward")
     code, stdout, stderr = finish(proc)
@@ -115,7 +115,11 @@ def test_ppo_resume_is_bit_identical(tmp_path):
     whole_dir, cut_dir = tmp_path / "whole", tmp_path / "cut"
     whole_dir.mkdir()
     cut_dir.mkdir()
-    code, _, err = finish(start(ppo_config(whole_dir, steps=6, every=3)))
+    # The uninterrupted run scores on a reward actor, the cut one in the driver (the default
+    # for a function): where the reward runs must not change a bit.
+    code, _, err = finish(
+        start(ppo_config(whole_dir, steps=6, every=3), "roles.reward.run_in=actor")
+    )
     assert code == 0, err[-3000:]
     config = ppo_config(cut_dir, steps=6, every=3)
     code, stdout, _ = finish(start(config, env={"RLHF_FAULT_EXIT_AFTER_STEP": "3"}))

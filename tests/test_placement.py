@@ -34,6 +34,7 @@ def _ppo(*overrides: str):
         "algorithm=ppo",
         "roles.reward.type=function",
         "roles.reward.function=rlhf.rewards:vader_sentiment",
+        "roles.reward.run_in=actor",  # the CPU-only role of these plans (auto: in the driver)
         "ppo.estimator=grpo",
         "roles.rollout.n_samples_per_prompt=2",
         *overrides,
@@ -194,6 +195,13 @@ def test_disaggregated_plan_gives_each_role_its_own_gpus():
             owners.setdefault((s.node, d), set()).add(s.role)
     assert all(len(roles) == 1 for roles in owners.values()) and len(owners) == 4
     assert set(plan.bundles) == {"policy", "reference", "rollout", "reward"}
+    assert [s.devices for s in plan.slots if s.role == "reward"] == [()]
+
+
+def test_a_reward_scored_in_the_driver_gets_no_slot():
+    plan = plan_placement(_ppo(*TWO_NODES, "roles.reward.run_in=auto")).check()
+    assert {s.role for s in plan.slots} == {"policy", "reference", "rollout"}
+    assert "reward" not in plan.bundles
 
 
 def test_refusals_name_the_role_and_the_shortfall():

@@ -98,7 +98,8 @@ def mean(values) -> float:
 def test_ppo_with_critic_learns_the_reward(sft_model, tmp_path):
     data = {"eval": {"path": "builtin:reviews", "split": "test", "limit": 8}}
     result = rlhf_train(
-        ppo_config(tmp_path, sft_model, train={"lr": 1e-3}, data=data, ppo={"estimator": "gae"})
+        ppo_config(tmp_path, sft_model, train={"lr": 1e-3}, data=data, ppo={"estimator": "gae"}),
+        "roles.reward.run_in=actor",  # the function on a reward actor (auto: in the driver)
     )
     r = [x for x in rows(tmp_path) if x["step"] > 0]
     assert len(r) == 20
@@ -159,6 +160,7 @@ def test_grpo_learns_without_a_critic_and_adaptive_kl_rises(sft_model, tmp_path,
     assert "value/loss" not in r[-1]
     summary = json.loads((tmp_path / "out" / "summary.json").read_text())
     assert "critic" not in summary["peak_rss_mb"]
+    assert "reward" not in summary["peak_rss_mb"], "a function reward scores in the driver"
     coefs = [x["kl/coef"] for x in r]
     above = [x["kl/seq"] > 0.5 for x in r]
     # Each step's coefficient moves up after a KL above target and down after one below.
