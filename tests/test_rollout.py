@@ -201,8 +201,9 @@ def test_weight_buckets_layout_and_a_real_gloo_transfer():
 )
 def test_lean_decode_draws_what_generate_draws(tiny_path, tiny_tokenizer, sampling):
     """The HF backend's decode loop against transformers' generate on the same seed: the same
-    tokens, the same raw logits, pad after EOS; stop strings fall back to generate."""
-    from actors.rollout import HFBackend
+    tokens, the same raw logits, pad after EOS, when the loop draws as generate does
+    (torch.multinomial; its own draw is tested against the distribution below)."""
+    from actors.rollout import HFBackend, multinomial
 
     cfg = _cfg(
         tiny_path,
@@ -214,6 +215,9 @@ def test_lean_decode_draws_what_generate_draws(tiny_path, tiny_tokenizer, sampli
     assert backend.lean
     prompts = _prompts(cfg, tiny_tokenizer, n=4)
     s = cfg.roles.rollout
+    own = backend.generate(prompts, s, seed=7)
+    assert torch.equal(own.response_ids, backend.generate(prompts, s, seed=7).response_ids)
+    backend.draw = multinomial
     lean = backend.generate(prompts, s, seed=7)
     backend.lean = False  # the same call through generate
     ref = backend.generate(prompts, s, seed=7)
@@ -236,3 +240,31 @@ def test_lean_decode_draws_what_generate_draws(tiny_path, tiny_tokenizer, sampli
     assert torch.equal(lean.response_ids, ref.response_ids)
     stopped = (ref.response_ids == extra).any(1)
     assert stopped[0] and bool((ref.response_ids[0, 3:] == tiny_tokenizer.pad_token_id).all())
+
+
+def test_draw_tokens_samples_the_categorical_distribution(monkeypatch):
+    """The inverse-CDF draw against the probabilities it is given: 400k draws per row land in
+    each bin as often as its probability says (chi-square, 4 degrees of freedom), never on a
+    zero; the draw follows the seed; the top of the uniform range and a NaN row are handled."""
+    from actors.rollout import draw_tokens
+
+    p = torch.tensor([[0.5, 0.0, 0.3, 0.15, 0.04, 0.01, 0.0], [0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 1.0]])
+    n = 400_000
+    torch.manual_seed(0)
+    drawn = draw_tokens(p.repeat_interleave(n, 0)).view(2, n)
+    counts = torch.stack([torch.bincount(row, minlength=7) for row in drawn]).double()
+    assert bool((counts[p == 0] == 0).all()), counts
+    assert bool((drawn[1] == 6).all())
+    expected = n * p[0].double()
+    live = expected > 0
+    chi2 = float((((counts[0] - expected)[live]) ** 2 / expected[live]).sum())
+    assert chi2 < 25.0, (chi2, counts[0])  # chi-square(4): P(>25) ~ 5e-5
+    torch.manual_seed(0)
+    assert torch.equal(draw_tokens(p.repeat_interleave(n, 0)).view(2, n), drawn)
+    # A uniform at the very top of its range still picks the last token with probability > 0.
+    monkeypatch.setattr(torch, "rand", lambda *a, **k: torch.ones(*a[0], dtype=torch.float64))
+    top = torch.tensor([[0.25, 0.75, 0.0, 0.0]])
+    assert draw_tokens(top).tolist() == [1]
+    monkeypatch.undo()
+    with pytest.raises(RuntimeError, match="NaN or a row of zeros"):
+        draw_tokens(torch.tensor([[float("nan"), 0.5]]))
