@@ -446,7 +446,7 @@ goes where each TRL trainer puts it: GRPO adds β·k3 per token to the loss (our
 `ppo.kl_penalty=reward`, `ppo.kl_estimator=k1`; TRL sums it over the sequence before the
 leave-one-out baseline, ours shapes the per-token rewards: the same work).
 `epsilon=0.2` (ours `ppo.clip_eps=0.2`), `learning_rate=1e-5`, `lr_scheduler_type=constant`,
-`warmup_steps=0`, `optim=adamw_torch`, `weight_decay=0`, `max_grad_norm=1.0`, `bf16=False`,
+`warmup_steps=0`, `optim=adamw_torch_fused`, `weight_decay=0`, `max_grad_norm=1.0`, `bf16=False`,
 `gradient_checkpointing=False` (TRL's defaults are on), `use_cpu=True`,
 `dataloader_num_workers=0`, `report_to=none`, `save_strategy=no`, `eval_strategy=no`,
 `logging_strategy=no`, `seed=42`, `torch.set_num_threads(1)`, `HF_HUB_OFFLINE=1`, and the
@@ -459,11 +459,13 @@ Ours: the same model, reward, prompts, `train.global_batch_size=8`,
 (one forward / backward per step, as TRL's), fp32, torch AdamW, constant lr, ZeRO-0, HF
 `generate` rollout (`roles.rollout.backend=hf`).
 
-Differences that remain, by design: ours runs rollout, policy, reference, reward (and
-critic) as separate Ray actors, one thread each, and syncs weights to the rollout actor after
-every step; TRL does everything in one process and one thread. So on the 2 cores, for RLOO
-the reference and old log-probs and the reward run concurrently; for GRPO the reference
-forward runs during the update's own forward. Both sides skip the old-log-prob forward
+Differences that remain, by design: ours runs rollout, policy and reference (and critic) as
+separate Ray actors, one thread each, scores the reward function in the driver
+(`roles.reward.run_in=auto`), and syncs weights to the rollout actor after every step; TRL
+does everything in one process and one thread. So on the 2 cores, for RLOO the reference and
+old log-probs run concurrently with each other and with the reward; for GRPO the reference
+forward runs during the update's own forward. The HF rollout draws tokens by inverse CDF
+(`actors.rollout.draw_tokens`), TRL's `generate` by torch.multinomial: the same distribution. Both sides skip the old-log-prob forward
 where it equals the update's own (GRPO: one update per batch, KL in the loss); RLOO needs it
 on both sides for the KL in the reward; the `tiny-rloo-engine-logps` row takes it from the
 HF engine's own log-probs instead (`ppo.old_logps=rollout`, equal to the trainer's within
