@@ -95,6 +95,16 @@ class Worker:
 
         return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
+    def forward_rollout(self, method: str, spec: tuple[int, int, int, int], *parts) -> list:
+        """`method` (a per-token forward taking (micro-batches, start)) on this rank's share of
+        a rollout, given as the engines' outputs: passed as refs, they come straight from the
+        object store, and the call starts as soon as the rollout is done, with no driver round
+        trip. spec = (pad id, rank, world size, micro-batch size)."""
+        from actors.rollout import experience_inputs
+
+        micro_batches, start = experience_inputs(parts, *spec)
+        return getattr(self, method)(micro_batches, start)
+
     def ping(self) -> dict:
         """Health probe: who and where this actor is."""
         return {"rank": self.info.rank, "pid": os.getpid(), "host": socket.gethostname()}

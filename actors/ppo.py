@@ -31,11 +31,10 @@ from actors.group import ActorGroup, ClusterPlacement, WeightSync, gather, start
 from actors.metrics import MetricsLogger
 from actors.policy import CriticTrainer
 from actors.reward import RewardModel, make_scorer
-from actors.rollout import Rollout, RolloutGenerator
+from actors.rollout import Rollout, RolloutGenerator, merge_rollouts, sequences
 from rlhf.advantages import RunningMeanStd
 from rlhf.config import RunConfig, dump_config
 from rlhf.data import load_datasets, make_collator
-from rlhf.data.collate import pad
 from rlhf.experience import compute_advantages
 from rlhf.kl import make_kl_controller
 from rlhf.models import load_tokenizer
@@ -63,38 +62,6 @@ class RewardGroup(ActorGroup[RewardModel]):
         super().__init__(
             "reward", RewardModel, cfg.roles.reward.resources, cfg, placement=placement
         )
-
-
-def merge_rollouts(parts: list[Rollout], pad_id: int) -> Rollout:
-    """Concatenate rollouts of several engines (prompt widths left-aligned to the widest)."""
-    if len(parts) == 1:
-        return parts[0]
-
-    def left(rows: list[torch.Tensor], value) -> torch.Tensor:
-        return pad([r.tolist() for t in rows for r in t], value, left=True, dtype=rows[0].dtype)
-
-    def right(rows: list[torch.Tensor], value) -> torch.Tensor:
-        return pad([r.tolist() for t in rows for r in t], value, dtype=rows[0].dtype)
-
-    return Rollout(
-        left([p.prompt_ids for p in parts], pad_id),
-        left([p.prompt_mask for p in parts], False),
-        right([p.response_ids for p in parts], pad_id),
-        right([p.response_mask for p in parts], False),
-        right([p.logps for p in parts], 0.0),
-        [f for p in parts for f in p.finish],
-        torch.cat([p.prompt_index for p in parts]),
-    )
-
-
-def sequences(r: Rollout) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(input_ids, attention_mask) [B, T] and the action mask [B, T-1] of a rollout."""
-    ids = torch.cat([r.prompt_ids, r.response_ids], dim=1)
-    attention = torch.cat([r.prompt_mask, r.response_mask], dim=1)
-    action = torch.zeros(ids.shape[0], ids.shape[1] - 1, dtype=torch.bool)
-    width = r.prompt_ids.shape[1]
-    action[:, width - 1 : width - 1 + r.response_ids.shape[1]] = r.response_mask
-    return ids, attention, action
 
 
 def rollout_token_logps(r: Rollout) -> torch.Tensor:
@@ -284,27 +251,33 @@ class OnlineRun:
     def generate(self, step: int) -> Rollout:
         return self.collect_rollout(self.submit_generate(step))
 
-    def _split_for(self, group: ActorGroup, ids, attention) -> list[list[tuple]]:
-        """Rows split evenly over the group's ranks, in micro-batches."""
-        rows, world = ids.shape[0], group.world_size
-        per = rows // world
-        micro = self.cfg.train.micro_batch_size
-        out = []
-        for r in range(world):
-            lo = r * per
-            out.append(
-                [
-                    (ids[lo + s.start : lo + s.stop], attention[lo + s.start : lo + s.stop])
-                    for s in _chunks(per, micro)
-                ]
-            )
-        return out
+    def submit_forwards(self, parts: list) -> dict[str, list | None]:
+        """Queue make_experience's per-token forwards on the rollout's own refs (`parts`, one
+        per engine): reference log-probs, the policy's old log-probs (when recomputed) and the
+        critic's values, role -> refs (None when not needed). Each rank starts when the rollout
+        is done, while the driver still collects, decodes and scores it."""
+        micro, pad_id = self.cfg.train.micro_batch_size, self.tokenizer.pad_token_id
 
-    def _forward(self, group: ActorGroup | None, call, ids, attention):
-        """call(actor, micro_batches) over the group's ranks; None when the role is absent."""
-        if group is None:
-            return None
-        return group.call_each(call, self._split_for(group, ids, attention))
+        def on(group: ActorGroup | None, method: str):
+            if group is None:
+                return None
+            world = group.world_size
+            specs = [(pad_id, r, world, micro) for r in range(world)]
+            return group.call_each(
+                lambda a, spec: a.forward_rollout.remote(method, spec, *parts), specs
+            )
+
+        recompute = self.old_logps_source == "recompute"
+        return {
+            "reference": on(self.reference, "token_logps"),
+            "old": on(self.policy, "forward") if recompute else None,
+            "values": on(self.critic, "forward"),
+        }
+
+    def start_rollout(self, step: int) -> tuple[list, dict[str, list | None]]:
+        """Step `step`'s rollout and, queued behind it, its per-token forwards."""
+        parts = self.submit_generate(step)
+        return parts, self.submit_forwards(parts)
 
     # ------------------------------------------------------------------ evaluation
 
@@ -373,23 +346,17 @@ class OnlineRun:
             return None
         return self.cfg.ppo.old_logps
 
-    def make_experience(self, r: Rollout) -> tuple[Experience, dict[str, float]]:
-        """Scores, values, old log-probs and advantages of a rollout. With the KL in the loss,
-        the reference forward is only started here: `self.pending_ref` holds its refs for the
-        updates, which fetch them after their own forward pass."""
+    def make_experience(
+        self, r: Rollout, forwards: dict[str, list | None]
+    ) -> tuple[Experience, dict[str, float]]:
+        """Scores, values, old log-probs and advantages of a rollout, whose per-token forwards
+        `submit_forwards` already queued. With the KL in the loss, the reference's result is
+        not awaited here: `self.pending_ref` holds its refs for the updates, which fetch them
+        after their own forward pass."""
         ids, attention, action = sequences(r)
         prompt_text = [self.prompts[int(i)].prompt_text for i in r.prompt_index]
         responses = self._decode(r)
-        start = r.prompt_ids.shape[1] - 1  # log-probs of the response tokens only
-        ref_refs = self._forward(
-            self.reference, lambda a, x: a.token_logps.remote(x, start), ids, attention
-        )
-        old_refs = None
-        if self.old_logps_source == "recompute":
-            old_refs = self._forward(
-                self.policy, lambda a, x: a.forward.remote(x, start), ids, attention
-            )
-        value_refs = self._forward(self.critic, lambda a, x: a.forward.remote(x), ids, attention)
+        ref_refs, old_refs, value_refs = forwards["reference"], forwards["old"], forwards["values"]
         scores = self.submit_scores(prompt_text, responses)
         self.pending_ref = ref_refs if self.kl_in_loss else None
         ref = None if self.kl_in_loss else _rows(ref_refs)
@@ -499,7 +466,7 @@ class OnlineRun:
         self.step_times: list[float] = []
         every = cfg.checkpoint.every_steps
         t0 = time.perf_counter()
-        pending = self.submit_generate(first) if first < plan.total_steps else None
+        pending = self.start_rollout(first) if first < plan.total_steps else None
         try:
             for step in range(first, plan.total_steps):
                 done = step + 1 == plan.total_steps
@@ -507,9 +474,9 @@ class OnlineRun:
                 evaluates = evaluates or done
                 saves = bool(every and (step + 1) % every == 0) or done
                 faults = os.environ.get(FAULT_EXIT_AFTER_STEP) == str(step + 1)
-                rollout = self.collect_rollout(pending)
+                rollout = self.collect_rollout(pending[0])
                 t1 = time.perf_counter()
-                exp, metrics = self.make_experience(rollout)
+                exp, metrics = self.make_experience(rollout, pending[1])
                 t2 = time.perf_counter()
                 # Queued back to back: the updates, the weight sync behind them on the policy,
                 # and (when nothing runs between the steps) the next rollout behind the sync on
@@ -517,7 +484,7 @@ class OnlineRun:
                 updates = self.submit_updates(exp, step)
                 synced = self.weight_sync.submit()
                 prefetch = not (done or evaluates or saves or faults)
-                pending = self.submit_generate(step + 1) if prefetch else None
+                pending = self.start_rollout(step + 1) if prefetch else None
                 if self.pending_ref is not None:
                     gather(self.pending_ref)  # a dead reference is reported by its role
                 metrics.update(self.collect_updates(updates))
@@ -552,7 +519,7 @@ class OnlineRun:
                 # overlapped it. Otherwise the next step starts now, after eval / checkpoint.
                 if pending is None and not done:
                     t0 = time.perf_counter()
-                    pending = self.submit_generate(step + 1)
+                    pending = self.start_rollout(step + 1)
                 else:
                     t0 = t4
         finally:

@@ -20,6 +20,7 @@ import torch
 from actors.base import RankInfo, Worker, has_gpu
 from actors.weight_sync import WeightReceiver
 from rlhf.config import RolloutConfig, RunConfig
+from rlhf.data.collate import pad
 from rlhf.models import load_model, load_tokenizer
 from rlhf.ops import logprobs_from_logits
 from rlhf.types import PromptBatch
@@ -41,6 +42,62 @@ class Rollout:
     logps: torch.Tensor
     finish: list[str]
     prompt_index: torch.Tensor
+
+
+def merge_rollouts(parts: list[Rollout], pad_id: int) -> Rollout:
+    """Concatenate rollouts of several engines (prompt widths left-aligned to the widest)."""
+    if len(parts) == 1:
+        return parts[0]
+
+    def left(rows: list[torch.Tensor], value) -> torch.Tensor:
+        return pad([r.tolist() for t in rows for r in t], value, left=True, dtype=rows[0].dtype)
+
+    def right(rows: list[torch.Tensor], value) -> torch.Tensor:
+        return pad([r.tolist() for t in rows for r in t], value, dtype=rows[0].dtype)
+
+    return Rollout(
+        left([p.prompt_ids for p in parts], pad_id),
+        left([p.prompt_mask for p in parts], False),
+        right([p.response_ids for p in parts], pad_id),
+        right([p.response_mask for p in parts], False),
+        right([p.logps for p in parts], 0.0),
+        [f for p in parts for f in p.finish],
+        torch.cat([p.prompt_index for p in parts]),
+    )
+
+
+def sequences(r: Rollout) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(input_ids, attention_mask) [B, T] and the action mask [B, T-1] of a rollout."""
+    ids = torch.cat([r.prompt_ids, r.response_ids], dim=1)
+    attention = torch.cat([r.prompt_mask, r.response_mask], dim=1)
+    action = torch.zeros(ids.shape[0], ids.shape[1] - 1, dtype=torch.bool)
+    width = r.prompt_ids.shape[1]
+    action[:, width - 1 : width - 1 + r.response_ids.shape[1]] = r.response_mask
+    return ids, attention, action
+
+
+def rank_micro_batches(
+    ids: torch.Tensor, attention: torch.Tensor, rank: int, world: int, micro: int
+) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """Rank `rank`'s share of a batch split evenly over `world` ranks, in micro-batches of at
+    most `micro` rows: (input_ids, attention_mask) pairs."""
+    per = ids.shape[0] // world
+    lo = rank * per
+    return [
+        (ids[lo + i : lo + min(i + micro, per)], attention[lo + i : lo + min(i + micro, per)])
+        for i in range(0, per, micro)
+    ]
+
+
+def experience_inputs(
+    parts: tuple[Rollout, ...], pad_id: int, rank: int, world: int, micro: int
+) -> tuple[list[tuple[torch.Tensor, torch.Tensor]], int]:
+    """What a rank's per-token forward of make_experience takes, built from the engines'
+    outputs themselves: its micro-batches of the merged sequences, and the first response
+    column (log-probs are needed from there on)."""
+    r = merge_rollouts(list(parts), pad_id)
+    ids, attention, _ = sequences(r)
+    return rank_micro_batches(ids, attention, rank, world, micro), r.prompt_ids.shape[1] - 1
 
 
 def choose_backend(name: str) -> str:

@@ -6,8 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from actors.ppo import merge_rollouts, sequences
-from actors.rollout import Rollout
+from actors.rollout import Rollout, experience_inputs, merge_rollouts, sequences
 from rlhf.advantages import gae, grpo_advantages
 from rlhf.config import load_config
 from rlhf.experience import compute_advantages
@@ -38,6 +37,25 @@ def test_action_mask_marks_exactly_the_response_tokens():
     assert ids[:, 1:][action].tolist() == [8, 9, 10, 11, 15, 16]
     assert (ids[~attention] == PAD).all()
     assert r.prompt_index.tolist() == [0, 1, 2]
+
+
+def test_each_rank_gets_its_rows_of_the_merged_rollout_in_micro_batches():
+    """What a forward rank builds from the engines' outputs (experience_inputs): its share of
+    the merged sequences, split evenly over the ranks, in micro-batches, and the first
+    response column; together the ranks cover every row once, in order."""
+    a = _rollout([[5, 6], [7], [8, 9]], [[10], [11, 12], [13]], [0, 1, 2])
+    b = _rollout([[14, 15, 16], [17], [18]], [[19, 20], [21], [22, 23, 24]], [3, 4, 5])
+    ids, attention, _ = sequences(merge_rollouts([a, b], PAD))
+    seen = []
+    for rank in range(2):
+        micro_batches, start = experience_inputs((a, b), PAD, rank, 2, 2)
+        assert start == 2  # the widest prompt has 3 tokens: column 2 scores the first response
+        assert [m[0].shape[0] for m in micro_batches] == [2, 1]  # 3 rows a rank, micro 2
+        seen += [row for m in micro_batches for row in zip(*m, strict=True)]
+    assert torch.equal(torch.stack([r[0] for r in seen]), ids)
+    assert torch.equal(torch.stack([r[1] for r in seen]), attention)
+    alone, start = experience_inputs((a,), PAD, 0, 1, 8)
+    assert start == 1 and torch.equal(alone[0][0], sequences(a)[0])
 
 
 def _cfg(*extra):

@@ -7,8 +7,8 @@ import torch
 
 from actors.group import ActorGroup, WeightSync
 from actors.policy import PolicyTrainer
-from actors.ppo import rollout_token_logps, sequences
-from actors.rollout import RolloutGenerator
+from actors.ppo import rollout_token_logps
+from actors.rollout import RolloutGenerator, sequences
 from rlhf.config import load_config
 from rlhf.data import load_split, make_collator
 from rlhf.ops import shifted_token_logps
