@@ -292,19 +292,23 @@ class OnlineRun:
             self.collate([self.eval_prompts[i] for i in indices[e::engines]])
             for e in range(engines)
         ]
-        single = self.cfg.roles.rollout.model_copy(update={"n_samples_per_prompt": 1})
+        s = self.cfg.roles.rollout
+        sampling = s.model_copy(update={"n_samples_per_prompt": s.eval_samples_per_prompt})
         parts = gather(
             self.rollout.call_each(
-                lambda a, b: a.generate.remote(b, EVAL_SEED_STEP, single), batches
+                lambda a, b: a.generate.remote(b, EVAL_SEED_STEP, sampling), batches
             )
         )
         r = merge_rollouts(parts, self.tokenizer.pad_token_id)
         prompts = [self.eval_prompts[int(i)].prompt_text for i in r.prompt_index]
         responses = self._decode(r)
         scores = self.fetch_scores(self.submit_scores(prompts, responses))
-        self.eval_samples.append(
-            [(p, t, s) for p, t, s in zip(prompts, responses, scores.tolist(), strict=True)][:3]
-        )
+        # The report keeps the first response of the first 3 prompts.
+        first = {}
+        for row, i in enumerate(r.prompt_index.tolist()):
+            first.setdefault(i, row)
+        rows = list(first.values())[:3]
+        self.eval_samples.append([(prompts[k], responses[k], scores[k].item()) for k in rows])
         return {
             "eval/reward/mean": scores.mean().item(),
             "eval/reward/std": scores.std().item() if len(scores) > 1 else 0.0,
@@ -509,7 +513,8 @@ class OnlineRun:
                 self.step_times.append(t4 - t0)
                 if evaluates:
                     metrics.update(self.evaluate())
-                logger.log(step + 1, metrics, (step + 1) * plan.global_batch)
+                responses = plan.global_batch * cfg.roles.rollout.n_samples_per_prompt
+                logger.log(step + 1, metrics, (step + 1) * responses)  # samples/s as the summary
                 if saves:
                     self.save(step + 1)
                 if faults:

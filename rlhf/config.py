@@ -355,6 +355,9 @@ class RolloutConfig(_Section):
     """auto = vLLM when importable on a GPU, else HF generate."""
     n_samples_per_prompt: int = Field(1, ge=1)
     """Responses per prompt (GRPO/RLOO need >= 2)."""
+    eval_samples_per_prompt: int = Field(1, ge=1)
+    """Responses per held-out prompt in evaluation: the held-out mean reward averages them all
+    (more samples, less noise at temperature > 0)."""
     max_new_tokens: int = Field(64, gt=0)
     """Response length cap."""
     temperature: float = Field(1.0, ge=0)

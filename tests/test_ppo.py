@@ -100,6 +100,7 @@ def test_ppo_with_critic_learns_the_reward(sft_model, tmp_path):
     result = rlhf_train(
         ppo_config(tmp_path, sft_model, train={"lr": 1e-3}, data=data, ppo={"estimator": "gae"}),
         "roles.reward.run_in=actor",  # the function on a reward actor (auto: in the driver)
+        "roles.rollout.eval_samples_per_prompt=2",
     )
     r = [x for x in rows(tmp_path) if x["step"] > 0]
     assert len(r) == 20
@@ -110,6 +111,8 @@ def test_ppo_with_critic_learns_the_reward(sft_model, tmp_path):
     assert (tmp_path / "out" / "plot.png").stat().st_size > 10_000
     report = json.loads((tmp_path / "out" / "samples.json").read_text())
     assert len(report["eval_before"]) == 3 and len(report["eval_after"]) == 3
+    # Two responses per held-out prompt; the report shows three different prompts.
+    assert len({prompt for prompt, _, _ in report["eval_before"]}) == 3
     first, last = mean(x["reward/mean"] for x in r[:5]), mean(x["reward/mean"] for x in r[-5:])
     print(f"mean reward, first 5 steps {first:.3f} -> last 5 steps {last:.3f}")
     assert last > first + 0.5, (first, last)
