@@ -31,7 +31,7 @@ from actors.group import ActorGroup, ClusterPlacement, WeightSync, gather, start
 from actors.metrics import MetricsLogger
 from actors.policy import CriticTrainer
 from actors.reward import RewardModel, make_scorer
-from actors.rollout import Rollout, RolloutGenerator, merge_rollouts, sequences
+from actors.rollout import Rollout, RolloutGenerator, merge_rollouts, rank_slices, sequences
 from rlhf.advantages import RunningMeanStd
 from rlhf.config import RunConfig, dump_config
 from rlhf.data import load_datasets, make_collator
@@ -138,10 +138,6 @@ class DeferredRows:
 
     def get(self) -> torch.Tensor:
         return _rows(self.refs)[self.rows]
-
-
-def _chunks(n: int, size: int) -> list[slice]:
-    return [slice(i, min(i + size, n)) for i in range(0, n, size)]
 
 
 class OnlineRun:
@@ -436,21 +432,14 @@ class OnlineRun:
         kl = (β, reference refs, the mini-batch's rows in the rollout) for the KL in the loss:
         each micro-batch then gets a KLPenalty whose log-probs the trainer fetches itself."""
         world, micro = group.world_size, self.cfg.train.micro_batch_size
-        per = mini.input_ids.shape[0] // world
         work = []
         for r in range(world):
-            shard = mini.rows(torch.arange(r * per, (r + 1) * per))
-            chunks = _chunks(per, micro)
-            batches = [shard.rows(torch.arange(s.start, s.stop)) for s in chunks]
+            chunks = rank_slices(mini.input_ids.shape[0], r, world, micro)
+            batches = [mini.rows(torch.arange(s.start, s.stop)) for s in chunks]
             extra = [None] * len(batches)
             if kl is not None:
                 coef, ref_refs, rows = kl
-                extra = [
-                    KLPenalty(
-                        coef, DeferredRows(ref_refs, rows[r * per + s.start : r * per + s.stop])
-                    )
-                    for s in chunks
-                ]
+                extra = [KLPenalty(coef, DeferredRows(ref_refs, rows[s])) for s in chunks]
             work.append((batches, extra))
         return group.call_each(lambda a, x: a.train_step.remote(*x), work)
 
@@ -513,8 +502,8 @@ class OnlineRun:
                 self.step_times.append(t4 - t0)
                 if evaluates:
                     metrics.update(self.evaluate())
-                responses = plan.global_batch * cfg.roles.rollout.n_samples_per_prompt
-                logger.log(step + 1, metrics, (step + 1) * responses)  # samples/s as the summary
+                # samples/s counts responses, as the summary's throughput does
+                logger.log(step + 1, metrics, (step + 1) * self.responses_per_step)
                 if saves:
                     self.save(step + 1)
                 if faults:
@@ -544,11 +533,14 @@ class OnlineRun:
         plot_metrics(self.out / "metrics.jsonl", self.out / "plot.png")
         return final
 
+    @property
+    def responses_per_step(self) -> int:
+        return self.plan.global_batch * self.cfg.roles.rollout.n_samples_per_prompt
+
     def throughput(self, warmup: int = 2) -> float | None:
         """Responses per second over whole steps after `warmup` (rollout to sync)."""
         times = self.step_times[warmup:]
-        rows = self.plan.global_batch * self.cfg.roles.rollout.n_samples_per_prompt
-        return round(rows * len(times) / sum(times), 2) if times else None
+        return round(self.responses_per_step * len(times) / sum(times), 2) if times else None
 
     def memory(self) -> dict[str, list[float]]:
         """Peak RSS (MiB) of each actor process, per role."""

@@ -76,17 +76,13 @@ def sequences(r: Rollout) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     return ids, attention, action
 
 
-def rank_micro_batches(
-    ids: torch.Tensor, attention: torch.Tensor, rank: int, world: int, micro: int
-) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    """Rank `rank`'s share of a batch split evenly over `world` ranks, in micro-batches of at
-    most `micro` rows: (input_ids, attention_mask) pairs."""
-    per = ids.shape[0] // world
+def rank_slices(rows: int, rank: int, world: int, micro: int) -> list[slice]:
+    """Rank `rank`'s share of `rows` rows split evenly over `world` ranks, as micro-batches of
+    at most `micro` rows (slices of the whole batch). The updates and make_experience's
+    forwards split the same way."""
+    per = rows // world
     lo = rank * per
-    return [
-        (ids[lo + i : lo + min(i + micro, per)], attention[lo + i : lo + min(i + micro, per)])
-        for i in range(0, per, micro)
-    ]
+    return [slice(lo + i, lo + min(i + micro, per)) for i in range(0, per, micro)]
 
 
 def experience_inputs(
@@ -97,7 +93,8 @@ def experience_inputs(
     column (log-probs are needed from there on)."""
     r = merge_rollouts(list(parts), pad_id)
     ids, attention, _ = sequences(r)
-    return rank_micro_batches(ids, attention, rank, world, micro), r.prompt_ids.shape[1] - 1
+    chunks = rank_slices(ids.shape[0], rank, world, micro)
+    return [(ids[c], attention[c]) for c in chunks], r.prompt_ids.shape[1] - 1
 
 
 def choose_backend(name: str) -> str:
@@ -119,9 +116,9 @@ class HFBackend:
     small model's rollout). Tokens are drawn by `draw_tokens` (inverse CDF, one uniform per
     row), the same distribution as generate's torch.multinomial at a fraction of its cost on
     CPU; with `draw = multinomial` the loop reproduces generate token for token (the tests
-    check both). Only the configured sampling applies: extra processors a model's generation_config may
-    ask `generate` for (a repetition penalty, say) are not applied, so samples come from the
-    distribution the trainer scores. Stop strings, and models whose forward takes no
+    check both). Only the configured sampling applies: extra processors a model's
+    generation_config may ask `generate` for (a repetition penalty, say) are not applied, so
+    samples come from the distribution the trainer scores. Stop strings, and models whose forward takes no
     position_ids / past_key_values / logits_to_keep, go through `generate`."""
 
     def __init__(self, cfg: RunConfig, device: str):
