@@ -204,6 +204,17 @@ class WeightSync:
         return gather(self.submit())
 
 
+class SharedWeights:
+    """The hybrid engine's sync (roles.rollout.hybrid): the engines are the policy's own
+    actors, sampling with its current weights, so nothing is sent."""
+
+    def submit(self) -> list[ray.ObjectRef]:
+        return []
+
+    def push(self) -> list[int]:
+        return []
+
+
 def rank0_address(placement, bundle_index: int = 0) -> str:
     """Where rank 0 of a group runs: 127.0.0.1 on a single-node cluster (nothing leaves the
     loopback), else the IP of the node that holds rank 0's bundle of the placement group."""

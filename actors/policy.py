@@ -23,8 +23,9 @@ import torch
 import torch.distributed as dist
 
 from actors.base import RankInfo, Worker
+from actors.rollout import HFBackend, Rollout, rollout_seed
 from actors.weight_sync import BucketSender, lora_delta, merged_named_weights, open_group
-from rlhf.config import RunConfig, TrainConfig
+from rlhf.config import RolloutConfig, RunConfig, TrainConfig
 from rlhf.models import load_model, load_tokenizer, merge_lora, write_adapter_info
 from rlhf.objectives import (
     KLPenalty,
@@ -421,12 +422,31 @@ class CriticTrainer(DeepSpeedTrainer):
 
 
 class PolicyTrainer(DeepSpeedTrainer):
-    """The trained model of offline runs (its kind follows the algorithm: causal LM, or a
-    reward model / classifier for algorithm: rm)."""
+    """The trained model (its kind follows the algorithm: causal LM, or a reward model /
+    classifier for algorithm: rm). With roles.rollout.hybrid it is also its rank's rollout
+    engine."""
 
     def __init__(self, info: RankInfo, cfg: RunConfig, total_steps: int):
         self.kind = model_kind(cfg)
         super().__init__(info, cfg, total_steps)
+        self._sampler: HFBackend | None = None
+        self.calls = 0
+
+    @torch.no_grad()
+    def generate(
+        self, prompts, step: int | None = None, sampling: RolloutConfig | None = None
+    ) -> Rollout:
+        """The hybrid engine: RolloutGenerator.generate on the trainer's own module (its
+        current weights, so nothing to sync), with the same seeds, under a forked RNG so the
+        trainer's random stream (dropout, say) is the same as with a separate engine."""
+        if self._sampler is None:
+            self._sampler = HFBackend(self.cfg, self.device, model=self.engine.module)
+        self.calls += 1
+        seed = rollout_seed(self.cfg, self.info.rank, self.calls if step is None else step)
+        self.engine.eval()
+        devices = [torch.cuda.current_device()] if self.device != "cpu" else []
+        with torch.random.fork_rng(devices=devices):
+            return self._sampler.generate(prompts, sampling or self.cfg.roles.rollout, seed)
 
 
 def _lora_params(layer):

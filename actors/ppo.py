@@ -27,7 +27,14 @@ from actors.coordinator import (
     seal_checkpoint,
     write_actor_pids,
 )
-from actors.group import ActorGroup, ClusterPlacement, WeightSync, gather, start_placement
+from actors.group import (
+    ActorGroup,
+    ClusterPlacement,
+    SharedWeights,
+    WeightSync,
+    gather,
+    start_placement,
+)
 from actors.metrics import MetricsLogger
 from actors.policy import CriticTrainer
 from actors.reward import RewardModel, make_scorer
@@ -40,6 +47,9 @@ from rlhf.kl import make_kl_controller
 from rlhf.models import load_tokenizer
 from rlhf.objectives import KLPenalty
 from rlhf.types import Experience
+
+#: The roles of an online run, in the order they are reported.
+ROLE_NAMES = ("policy", "rollout", "reward", "critic", "reference")
 
 #: Rollout seed "step" of evaluation generations (fixed: before/after use the same draws).
 EVAL_SEED_STEP = 10**6
@@ -177,7 +187,9 @@ class OnlineRun:
         # The placement plan on the live nodes: printed, refused before any actor if it cannot fit.
         self.placement = placement = start_placement(self.cfg)
         self.policy = PolicyGroup(self.cfg, self.updates, placement)
-        self.rollout = RolloutGroup(self.cfg, placement)
+        # The hybrid engine samples in the policy's own actors, with its weights.
+        hybrid = self.cfg.roles.rollout.hybrid
+        self.rollout = self.policy if hybrid else RolloutGroup(self.cfg, placement)
         if self.cfg.roles.reward.in_driver:
             self.scorer = make_scorer(self.cfg)
         else:
@@ -186,15 +198,8 @@ class OnlineRun:
             self.critic = CriticGroup(self.cfg, self.updates, placement)
         if self.cfg.needs_reference:
             self.reference = ReferenceGroup(self.cfg, placement)
-        self.weight_sync = WeightSync(self.policy, self.rollout)
-        groups = {
-            "policy": self.policy,
-            "rollout": self.rollout,
-            "reward": self.reward,
-            "critic": self.critic,
-            "reference": self.reference,
-        }
-        write_actor_pids(self.out, groups)
+        self.weight_sync = SharedWeights() if hybrid else WeightSync(self.policy, self.rollout)
+        write_actor_pids(self.out, {role: getattr(self, role) for role in ROLE_NAMES})
 
     # ------------------------------------------------------------------ checkpoints
 
@@ -243,9 +248,6 @@ class OnlineRun:
 
     def collect_rollout(self, refs: list) -> Rollout:
         return merge_rollouts(self.rollout.gather(refs), self.tokenizer.pad_token_id)
-
-    def generate(self, step: int) -> Rollout:
-        return self.collect_rollout(self.submit_generate(step))
 
     def submit_forwards(self, parts: list) -> dict[str, list | None]:
         """Queue make_experience's per-token forwards on the rollout's own refs (`parts`, one
@@ -542,20 +544,25 @@ class OnlineRun:
         times = self.step_times[warmup:]
         return round(self.responses_per_step * len(times) / sum(times), 2) if times else None
 
-    def memory(self) -> dict[str, list[float]]:
-        """Peak RSS (MiB) of each actor process, per role."""
-        out = {}
-        for name in ("policy", "rollout", "reward", "critic", "reference"):
+    def groups(self) -> dict[str, ActorGroup]:
+        """The actor groups this run started, by role (a hybrid rollout is the policy's)."""
+        out: dict[str, ActorGroup] = {}
+        for name in ROLE_NAMES:
             group = getattr(self, name, None)
-            if group is not None:
-                out[name] = group.gather(group.call(lambda a: a.peak_rss_mb.remote()))
+            if group is not None and all(group is not g for g in out.values()):
+                out[name] = group
         return out
 
+    def memory(self) -> dict[str, list[float]]:
+        """Peak RSS (MiB) of each actor process, per role."""
+        return {
+            name: group.gather(group.call(lambda a: a.peak_rss_mb.remote()))
+            for name, group in self.groups().items()
+        }
+
     def shutdown(self) -> None:
-        for name in ("policy", "rollout", "reward", "critic", "reference"):
-            group = getattr(self, name, None)
-            if group is not None:
-                group.shutdown()
+        for group in self.groups().values():
+            group.shutdown()
         if getattr(self, "placement", None) is not None:
             self.placement.remove()
             self.placement = None

@@ -121,13 +121,20 @@ class HFBackend:
     samples come from the distribution the trainer scores. Stop strings, and models whose forward takes no
     position_ids / past_key_values / logits_to_keep, go through `generate`."""
 
-    def __init__(self, cfg: RunConfig, device: str):
+    def __init__(self, cfg: RunConfig, device: str, model=None):
+        """Loads the base model (weights then come by sync), or samples with `model`, e.g. a
+        trainer's own module (the hybrid engine); a peft model generates through its base
+        model, whose layers carry the adapters."""
         self.tokenizer = load_tokenizer(cfg.model, padding_side="left")
-        self.model = load_model(
-            cfg.model.model_copy(update={"lora": None, "quantization": None}),
-            trainable=False,
-            device=device,
-        )
+        if model is None:
+            model = load_model(
+                cfg.model.model_copy(update={"lora": None, "quantization": None}),
+                trainable=False,
+                device=device,
+            )
+        elif hasattr(model, "get_base_model"):
+            model = model.get_base_model()
+        self.model = model
         self.device = device
         params = inspect.signature(self.model.forward).parameters
         self.lean = {"position_ids", "past_key_values", "logits_to_keep"} <= set(params)
@@ -281,6 +288,12 @@ def _trim(
     return mask, finish
 
 
+def rollout_seed(cfg: RunConfig, engine: int, step: int) -> int:
+    """The sampling seed of engine `engine` at step `step` (the same for a separate engine and
+    for the hybrid engine of policy rank `engine`)."""
+    return cfg.train.seed * 1_000_003 + engine * 100_003 + step
+
+
 class RolloutGenerator(Worker):
     """One generation engine (an actor); the coordinator fans prompts out over N of them."""
 
@@ -303,8 +316,7 @@ class RolloutGenerator(Worker):
         """Sample responses; the seed follows (run seed, engine, step), so a resumed run draws
         the same samples as an uninterrupted one."""
         self.calls += 1
-        tick = self.calls if step is None else step
-        seed = self.cfg.train.seed * 1_000_003 + self.info.rank * 100_003 + tick
+        seed = rollout_seed(self.cfg, self.info.rank, self.calls if step is None else step)
         return self.backend.generate(prompts, sampling or self.cfg.roles.rollout, seed)
 
     def init_weight_sync(self, addr: str, port: int, world_size: int, rank: int) -> None:

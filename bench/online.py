@@ -9,6 +9,8 @@ Workloads (`--only` takes these names, and may be repeated):
     tiny-grpo      GRPO, tiny Llama, 8 prompts x 4 samples; TRL: GRPOTrainer
     tiny-rloo      RLOO, tiny Llama, 8 prompts x 4 samples; TRL: RLOOTrainer
     tiny-rloo-engine-logps  tiny-rloo with ppo.old_logps=rollout (report only); TRL: RLOOTrainer
+    tiny-grpo-hybrid  tiny-grpo with roles.rollout.hybrid (rollout in the policy actor)
+    tiny-rloo-hybrid  tiny-rloo with roles.rollout.hybrid
     smollm2-ppo    ours only: PPO with a critic, SmolLM2-135M-Instruct, 16 prompts x 1 sample
     smollm2-grpo   ours only: GRPO, SmolLM2-135M-Instruct, 4 prompts x 4 samples (quickstart)
 
@@ -97,6 +99,7 @@ class Workload:
     kl_penalty: str = "reward"
     kl_estimator: str = "k1"
     old_logps: str = "recompute"  # ppo.old_logps
+    hybrid: bool = False  # roles.rollout.hybrid: the policy's actor generates, no weight sync
 
     @property
     def rows(self) -> int:
@@ -121,6 +124,24 @@ WORKLOADS = [
         1e-5,
         trl="rloo",
         old_logps="rollout",
+    ),
+    # The hybrid engine: generation in the policy's own actor, with its weights (no sync).
+    Workload(
+        "tiny-grpo-hybrid",
+        "tiny",
+        "grpo",
+        8,
+        4,
+        16,
+        32,
+        1e-5,
+        trl="grpo",
+        target=1.0,
+        hybrid=True,
+        **GRPO_KL,
+    ),
+    Workload(
+        "tiny-rloo-hybrid", "tiny", "rloo", 8, 4, 16, 32, 1e-5, trl="rloo", target=1.0, hybrid=True
     ),
     Workload("smollm2-ppo", "smollm2", "gae", 16, 1, 32, 8, 1e-5, chat=True),
     Workload("smollm2-grpo", "smollm2", "grpo", 4, 4, 32, 8, 1e-5, chat=True, **GRPO_KL),
@@ -160,6 +181,7 @@ def ours_config(w: Workload, steps: int) -> dict:
                 "max_new_tokens": w.max_new_tokens,
                 "temperature": 1.0,
                 "n_samples_per_prompt": w.samples,
+                "hybrid": w.hybrid,
             },
         },
         "ppo": {
@@ -469,7 +491,10 @@ forward runs during the update's own forward. The HF rollout draws tokens by inv
 where it equals the update's own (GRPO: one update per batch, KL in the loss); RLOO needs it
 on both sides for the KL in the reward; the `tiny-rloo-engine-logps` row takes it from the
 HF engine's own log-probs instead (`ppo.old_logps=rollout`, equal to the trainer's within
-1e-5 in fp32), which TRL does not offer, so it is reported without a target."""
+1e-5 in fp32), which TRL does not offer, so it is reported without a target. The `-hybrid`
+rows run the rollout inside the policy's actor on the trainer's own weights
+(`roles.rollout.hybrid=true`): no rollout actor and no weight sync, as TRL generates with the
+model it trains; the reference still runs in its own actor."""
 
 
 def report(done, args, load: tuple, elapsed: float) -> str:

@@ -374,8 +374,12 @@ class RolloutConfig(_Section):
     """vLLM's share of GPU memory."""
     sleep: bool = False
     """vLLM on GPU: release the engine's GPU memory (sleep level 1) between rollouts, for colocated trainers."""
+    hybrid: bool = False
+    """Hybrid engine: generate inside the policy's own actors, one engine per policy rank,
+    with the trainer's weights: no second copy of the model and no weight sync. HF backend,
+    ZeRO 0-2 (ZeRO-3 shards the weights); `resources` is then unused."""
     resources: RoleResources = RoleResources()
-    """Placement of the rollout engines."""
+    """Placement of the rollout engines (separate actors; not with `hybrid`)."""
 
 
 class PolicyConfig(_Section):
@@ -632,6 +636,11 @@ def _combination_problems(cfg: RunConfig):
             f"train.global_batch_size={train.global_batch_size} is not divisible by train.micro_batch_size "
             f"({train.micro_batch_size}) x policy ranks ({roles.policy.resources.world_size}) = {per_step}"
         )
+    if algo == "ppo" and roles.rollout.hybrid:
+        if roles.rollout.backend == "vllm":
+            yield "roles.rollout.hybrid generates with the trainer's HF model: use roles.rollout.backend hf or auto, or hybrid: false for vLLM engines"
+        if train.zero_stage == 3:
+            yield "roles.rollout.hybrid needs the whole weights on every policy rank: use train.zero_stage 0, 1 or 2, or hybrid: false (ZeRO-3 syncs to separate engines)"
     if cfg.model.quantization is not None and train.zero_stage == 3:
         yield "4-bit quantised models (QLoRA) cannot be sharded by ZeRO-3: use train.zero_stage 0 or 2"
     if train.offload_optimizer and train.zero_stage == 0:

@@ -316,7 +316,8 @@ def active_roles(cfg: RunConfig) -> list[str]:
     if cfg.needs_reference:
         roles.add("reference")
     if cfg.algorithm == "ppo":
-        roles |= {"rollout"} | ({"critic"} if cfg.needs_critic else set())
+        roles |= set() if cfg.roles.rollout.hybrid else {"rollout"}  # hybrid: in the policy
+        roles |= {"critic"} if cfg.needs_critic else set()
         if not cfg.roles.reward.in_driver:
             roles.add("reward")
     return [r for r in ROLES if r in roles]
@@ -412,6 +413,12 @@ def _trainer(
         host, optimizer = optimizer, 0.0
     acts = _train_activations(cfg, facts, model, b)
     notes = [f"{_count(facts.params)} params ({facts.source})", _dtype_name(b)]
+    r = cfg.roles.rollout
+    if role == "policy" and cfg.algorithm == "ppo" and r.hybrid:
+        # The hybrid engine samples between updates: its KV cache or the update's activations.
+        rows = math.ceil(cfg.train.global_batch_size * r.n_samples_per_prompt / world)
+        acts = max(acts, _kv_bytes(facts, b) * rows * _seq_len(cfg))
+        notes.append("hybrid rollout engine")
     if model.lora is not None:
         notes.append(f"LoRA r={model.lora.r}: {_count(trainable)} trainable")
     if model.quantization is not None:

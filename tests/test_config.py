@@ -74,6 +74,10 @@ def test_overrides_on_top_of_yaml(tmp_path):
     assert raw == {"a": {"b": 1}}, "overrides must not mutate their input"
 
 
+#: A valid online-RL config's overrides.
+PPO = ["algorithm=ppo", "roles.reward.type=function", "roles.reward.function=m:f"]
+
+
 @pytest.mark.parametrize(
     "overrides, message",
     [
@@ -139,6 +143,14 @@ def test_overrides_on_top_of_yaml(tmp_path):
         (
             ["roles.reward.type=function", "roles.reward.function=not a path"],
             "must look like 'package.module:function'",
+        ),
+        (
+            [*PPO, "roles.rollout.hybrid=true", "roles.rollout.backend=vllm"],
+            "roles.rollout.hybrid generates with the trainer's HF model",
+        ),
+        (
+            [*PPO, "roles.rollout.hybrid=true", "train.zero_stage=3"],
+            "roles.rollout.hybrid needs the whole weights on every policy rank",
         ),
         (["data.packing=true"], "data.packing applies to algorithm=sft only"),
         (["checkpoint.resume=/nonexistent/step_3"], "no such checkpoint"),

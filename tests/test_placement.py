@@ -204,6 +204,35 @@ def test_a_reward_scored_in_the_driver_gets_no_slot():
     assert "reward" not in plan.bundles
 
 
+def test_a_hybrid_rollout_runs_in_the_policy_ranks():
+    """roles.rollout.hybrid: no rollout slot; each policy rank's peak is the larger of its
+    training activations and its share of the rollout's KV cache (Llama-2-7B: 4096-wide K and
+    V in each of 32 layers, bf16), as the two alternate."""
+    hybrid = ["roles.rollout.hybrid=true", "roles.policy.resources.gpus_per_rank=1"]
+    plan = plan_placement(_ppo(*TWO_NODES, *hybrid)).check()
+    assert {s.role for s in plan.slots} == {"policy", "reference", "reward"}  # _ppo: reward actor
+    assert "rollout" not in plan.estimates
+    # 64 prompts x 8 samples over 2 ranks = 256 rows of 512 + 1024 tokens each.
+    grow = [
+        "model.name_or_path=meta-llama/Llama-2-7b-hf",
+        "train.global_batch_size=64",
+        "train.micro_batch_size=4",
+        "roles.rollout.n_samples_per_prompt=8",
+        "roles.policy.resources.ranks_per_node=2",
+        "roles.policy.resources.gpus_per_rank=1",
+        "data.max_length=1536",
+        "data.max_prompt_length=512",
+        "roles.rollout.max_new_tokens=1024",
+        "train.precision=bf16",
+    ]
+    cfg = _ppo(*grow, "roles.rollout.hybrid=true")
+    separate = estimate_memory(_ppo(*grow), "policy")
+    est = estimate_memory(cfg, "policy")
+    kv = 2 * 32 * 4096 * 2 * 256 * (512 + 1024)
+    assert est.activations == max(separate.activations, kv)
+    assert "hybrid rollout engine" in est.notes
+
+
 def test_refusals_name_the_role_and_the_shortfall():
     def problems(*overrides):
         return "\n".join(plan_placement(_ppo(*TWO_NODES, *overrides)).problems())

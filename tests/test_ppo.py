@@ -189,3 +189,30 @@ def test_rloo_learns_with_the_engines_log_probs_as_old(sft_model, tmp_path):
     assert last > first + 0.5, (first, last)
     assert all(math.isfinite(x["kl/seq"]) for x in r)
     assert all(x["policy/ratio"] == 1.0 and x["policy/clipfrac"] == 0.0 for x in r)
+
+
+def test_hybrid_engine_matches_separate_engines_on_two_ranks(sft_model, tmp_path):
+    """roles.rollout.hybrid samples in the policy's own actors with the trainer's weights (no
+    copy, no sync). Two policy ranks, RLOO with the KL in the reward and 2 PPO epochs (so the
+    old log-probs are a forward on the same actors): every metric of every step equals the run
+    with two separate engines fed by weight sync, to the last bit, and no rollout actor runs."""
+    runs = {}
+    for name, hybrid in (("separate", "false"), ("hybrid", "true")):
+        out = tmp_path / name
+        out.mkdir()
+        rlhf_train(
+            critic_free_config(out, sft_model, estimator="rloo", ppo_epochs=2),
+            f"roles.rollout.hybrid={hybrid}",
+            "roles.policy.resources.ranks_per_node=2",
+            "roles.rollout.resources.ranks_per_node=2",
+            "train.micro_batch_size=4",
+            "train.max_steps=3",
+        )
+        runs[name] = (rows(out), json.loads((out / "out" / "actors.json").read_text()))
+    (separate, separate_pids), (hybrid, hybrid_pids) = runs["separate"], runs["hybrid"]
+    assert len(hybrid) == len(separate) == 3
+    for a, b in zip(separate, hybrid, strict=True):
+        compared = {k: v for k, v in a.items() if not k.startswith(("timing/", "perf/", "time"))}
+        assert compared == {k: b[k] for k in compared}, a["step"]
+    assert hybrid_pids["rollout"] == hybrid_pids["policy"] and len(hybrid_pids["policy"]) == 2
+    assert not set(separate_pids["rollout"]) & set(separate_pids["policy"])
