@@ -10,25 +10,11 @@ import torch
 from rlhf.losses.ppo import entropy_loss, kl_penalty_loss, policy_loss, value_loss
 from rlhf.losses.reward import bradley_terry_loss, classification_loss
 from rlhf.losses.sft import sft_loss
+from tests.tensors import F64, assert_close, gen, random_mask
 
 torch.set_num_threads(1)
 
-F64 = torch.float64
 MODES = ["token_mean", "seq_mean", "seq_mean_token_sum"]
-
-
-def gen(seed: int = 0) -> torch.Generator:
-    return torch.Generator().manual_seed(seed)
-
-
-def assert_close(actual: torch.Tensor, expected, rtol: float = 1e-5, atol: float = 1e-6) -> None:
-    expected = torch.as_tensor(expected, dtype=F64)
-    torch.testing.assert_close(actual.detach().to(F64), expected, rtol=rtol, atol=atol)
-
-
-def random_mask(B: int, T: int, g: torch.Generator) -> torch.Tensor:
-    lengths = torch.randint(1, T + 1, (B,), generator=g)
-    return torch.arange(T).unsqueeze(0) < lengths.unsqueeze(1)
 
 
 # ---------------------------------------------------------------------------------------------

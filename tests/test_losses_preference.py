@@ -15,10 +15,10 @@ from rlhf.losses.preference import (
     orpo_loss,
     preference_loss,
 )
+from tests.tensors import assert_close, gen
 
 torch.set_num_threads(1)
 
-F64 = torch.float64
 PAIRED_METRIC_KEYS = {
     "rewards/chosen",
     "rewards/rejected",
@@ -27,15 +27,6 @@ PAIRED_METRIC_KEYS = {
     "logps/chosen",
     "logps/rejected",
 }
-
-
-def gen(seed: int = 0) -> torch.Generator:
-    return torch.Generator().manual_seed(seed)
-
-
-def assert_close(actual: torch.Tensor, expected, rtol: float = 1e-5, atol: float = 1e-6) -> None:
-    expected = torch.as_tensor(expected, dtype=F64)
-    torch.testing.assert_close(actual.detach().to(F64), expected, rtol=rtol, atol=atol)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -19,19 +19,9 @@ from rlhf.ops import (
     masked_whiten,
     shifted_token_logps,
 )
+from tests.tensors import F64, assert_close, gen, random_mask
 
 torch.set_num_threads(1)
-
-F64 = torch.float64
-
-
-def gen(seed: int = 0) -> torch.Generator:
-    return torch.Generator().manual_seed(seed)
-
-
-def assert_close(actual: torch.Tensor, expected, rtol: float = 1e-5, atol: float = 1e-6) -> None:
-    expected = torch.as_tensor(expected, dtype=F64)
-    torch.testing.assert_close(actual.detach().to(F64), expected, rtol=rtol, atol=atol)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -96,11 +86,6 @@ def ref_log1mexp(x: float) -> float:
     with localcontext() as ctx:
         ctx.prec = 60 + int(-x / 2.3)
         return float((1 - Decimal(x).exp()).ln())
-
-
-def random_mask(B: int, T: int, g: torch.Generator) -> torch.Tensor:
-    lengths = torch.randint(1, T + 1, (B,), generator=g)
-    return torch.arange(T).unsqueeze(0) < lengths.unsqueeze(1)
 
 
 # ---------------------------------------------------------------------------------------------
