@@ -74,6 +74,19 @@ def test_after_sync_rollout_greedy_equals_policy_greedy(
         assert not torch.equal(stale.response_ids, synced.response_ids), (
             "training changed the greedy output"
         )
+
+        # The hybrid engine (roles.rollout.hybrid) samples with the trainer's own module: the
+        # same tokens and log-probs as the synced engine, the trainer's RNG left as it was.
+        def hybrid_generate(trainer):
+            state = torch.get_rng_state()
+            out = trainer.generate(prompts, 0)
+            return out, torch.equal(state, torch.get_rng_state())
+
+        own, rng_kept = policy.gather([policy.actors[0].__ray_call__.remote(hybrid_generate)])[0]
+        assert rng_kept
+        assert torch.equal(own.response_ids, synced.response_ids)
+        assert torch.equal(own.response_mask, synced.response_mask)
+        torch.testing.assert_close(own.logps, synced.logps, rtol=0, atol=1e-5)
     finally:
         policy.shutdown()
         rollout.shutdown()
