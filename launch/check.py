@@ -32,7 +32,7 @@ def run_check(cfg: RunConfig) -> dict[str, float]:
         if ds is not None:
             print(f"-- data: {ds.summary()}")
     if cfg.algorithm == "ppo":
-        print("-- ppo: prompts validated; the online loop needs the rollout and reward actors")
+        print("-- ppo: prompts validated; no step runs here (the online loop needs its actors)")
         return {}
     kind = model_kind(cfg)
     model = load_model(
