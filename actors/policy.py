@@ -23,7 +23,7 @@ import torch
 import torch.distributed as dist
 
 from actors.base import RankInfo, Worker
-from actors.rollout import HFBackend, Rollout, rollout_seed
+from actors.rollout import HFBackend, Rollout, SeededSampler
 from actors.weight_sync import BucketSender, lora_delta, merged_named_weights, open_group
 from rlhf.config import RolloutConfig, RunConfig, TrainConfig
 from rlhf.models import load_model, load_tokenizer, merge_lora, write_adapter_info
@@ -429,8 +429,7 @@ class PolicyTrainer(DeepSpeedTrainer):
     def __init__(self, info: RankInfo, cfg: RunConfig, total_steps: int):
         self.kind = model_kind(cfg)
         super().__init__(info, cfg, total_steps)
-        self._sampler: HFBackend | None = None
-        self.calls = 0
+        self._sampler: SeededSampler | None = None
 
     @torch.no_grad()
     def generate(
@@ -440,13 +439,12 @@ class PolicyTrainer(DeepSpeedTrainer):
         current weights, so nothing to sync), with the same seeds, under a forked RNG so the
         trainer's random stream (dropout, say) is the same as with a separate engine."""
         if self._sampler is None:
-            self._sampler = HFBackend(self.cfg, self.device, model=self.engine.module)
-        self.calls += 1
-        seed = rollout_seed(self.cfg, self.info.rank, self.calls if step is None else step)
+            backend = HFBackend(self.cfg, self.device, model=self.engine.module)
+            self._sampler = SeededSampler(self.cfg, self.info.rank, backend)
         self.engine.eval()
         devices = [torch.cuda.current_device()] if self.device != "cpu" else []
         with torch.random.fork_rng(devices=devices):
-            return self._sampler.generate(prompts, sampling or self.cfg.roles.rollout, seed)
+            return self._sampler.generate(prompts, step, sampling)
 
 
 def _lora_params(layer):

@@ -288,10 +288,22 @@ def _trim(
     return mask, finish
 
 
-def rollout_seed(cfg: RunConfig, engine: int, step: int) -> int:
-    """The sampling seed of engine `engine` at step `step` (the same for a separate engine and
-    for the hybrid engine of policy rank `engine`)."""
-    return cfg.train.seed * 1_000_003 + engine * 100_003 + step
+class SeededSampler:
+    """One engine's generate calls, seeded by (run seed, engine, step) so that a resumed run
+    draws the same samples as an uninterrupted one, and a hybrid engine (policy rank i) the
+    same as separate engine i. A call without a step counts as the next one."""
+
+    def __init__(self, cfg: RunConfig, engine: int, backend):
+        self.cfg, self.engine, self.backend = cfg, engine, backend
+        self.calls = 0
+
+    def generate(
+        self, prompts: PromptBatch, step: int | None = None, sampling: RolloutConfig | None = None
+    ) -> Rollout:
+        self.calls += 1
+        tick = self.calls if step is None else step
+        seed = self.cfg.train.seed * 1_000_003 + self.engine * 100_003 + tick
+        return self.backend.generate(prompts, sampling or self.cfg.roles.rollout, seed)
 
 
 class RolloutGenerator(Worker):
@@ -308,16 +320,13 @@ class RolloutGenerator(Worker):
         else:
             self.backend = HFBackend(cfg, self.device)
         self.receiver: WeightReceiver | None = None
-        self.calls = 0
+        self.sampler = SeededSampler(cfg, info.rank, self.backend)
 
     def generate(
         self, prompts: PromptBatch, step: int | None = None, sampling: RolloutConfig | None = None
     ) -> Rollout:
-        """Sample responses; the seed follows (run seed, engine, step), so a resumed run draws
-        the same samples as an uninterrupted one."""
-        self.calls += 1
-        seed = rollout_seed(self.cfg, self.info.rank, self.calls if step is None else step)
-        return self.backend.generate(prompts, sampling or self.cfg.roles.rollout, seed)
+        """Sample responses (seeded by SeededSampler)."""
+        return self.sampler.generate(prompts, step, sampling)
 
     def init_weight_sync(self, addr: str, port: int, world_size: int, rank: int) -> None:
         self.receiver = WeightReceiver(addr, port, world_size, rank, self.device)
