@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import importlib.util
 import inspect
+import logging
 from dataclasses import dataclass
 
 import torch
@@ -21,9 +22,12 @@ from actors.base import RankInfo, Worker, has_gpu
 from actors.weight_sync import WeightReceiver
 from rlhf.config import RolloutConfig, RunConfig
 from rlhf.data.collate import pad
+from rlhf.logs import warn_once
 from rlhf.models import load_model, load_tokenizer
 from rlhf.ops import logprobs_from_logits
 from rlhf.types import PromptBatch
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -118,8 +122,9 @@ class HFBackend:
     CPU; with `draw = multinomial` the loop reproduces generate token for token (the tests
     check both). Only the configured sampling applies: extra processors a model's
     generation_config may ask `generate` for (a repetition penalty, say) are not applied, so
-    samples come from the distribution the trainer scores. Stop strings, and models whose forward takes no
-    position_ids / past_key_values / logits_to_keep, go through `generate`."""
+    samples come from the distribution the trainer scores. Stop strings, and models whose
+    forward lacks an argument the loop passes (`lean_cache_argument`), go through `generate`,
+    said once in the log with the reason."""
 
     def __init__(self, cfg: RunConfig, device: str, model=None):
         """Loads the base model (weights then come by sync), or samples with `model`, e.g. a
@@ -136,8 +141,16 @@ class HFBackend:
             model = model.get_base_model()
         self.model = model
         self.device = device
-        params = inspect.signature(self.model.forward).parameters
-        self.lean = {"position_ids", "past_key_values", "logits_to_keep"} <= set(params)
+        self.cache_arg, why = lean_cache_argument(self.model.forward)
+        self.lean = self.cache_arg is not None
+        if not self.lean:
+            name = type(self.model).__name__
+            warn_once(
+                log,
+                f"lean:{name}",
+                f"rollouts of {name} go through transformers' generate, not the lean decode "
+                f"loop (slower): {why}",
+            )
         eos = self.model.generation_config.eos_token_id
         eos = self.tokenizer.eos_token_id if eos is None else eos
         self.eos_ids = torch.tensor(eos if isinstance(eos, list) else [eos], device=device)
@@ -162,6 +175,13 @@ class HFBackend:
         if s.stop:
             kwargs.update(stop_strings=list(s.stop), tokenizer=self.tokenizer)
         torch.manual_seed(seed)
+        if s.stop and self.lean:
+            warn_once(
+                log,
+                "lean:stop",
+                "roles.rollout.stop is set: rollouts go through transformers' generate, which "
+                "matches stop strings, not the lean decode loop (slower)",
+            )
         if self.lean and not s.stop:
             response, logits = self._decode(ids, mask, s)
         else:
@@ -201,14 +221,14 @@ class HFBackend:
         warp = _warpers(s) if s.temperature > 0 else None
         # Left padding: positions count real tokens only (generate's prepare_inputs does this).
         positions = (mask.long().cumsum(-1) - 1).clamp(min=0)
-        cache = DynamicCache(config=self.model.config)
+        cache = {self.cache_arg: DynamicCache(config=self.model.config)}
         out = self.model(
             input_ids=ids,
             attention_mask=mask,
             position_ids=positions,
-            past_key_values=cache,
             use_cache=True,
             logits_to_keep=1,
+            **cache,
         )
         position = positions[:, -1:]
         finished = torch.zeros(rows, dtype=torch.bool, device=ids.device)
@@ -232,10 +252,29 @@ class HFBackend:
                 input_ids=chosen[:, None],
                 attention_mask=mask,
                 position_ids=position,
-                past_key_values=cache,
                 use_cache=True,
+                **cache,
             )
         return torch.stack(tokens, 1), torch.stack(logits, 1)
+
+
+# transformers 5.25 renamed the forward's KV-cache argument `past_key_values` to `cache` (the
+# old name lives on as a deprecated alias until 5.40, on the models that were converted);
+# models not converted yet, and older releases, take `past_key_values`.
+CACHE_ARGUMENTS = ("cache", "past_key_values")
+
+
+def lean_cache_argument(forward) -> tuple[str | None, str]:
+    """The name under which `forward` takes its KV cache when it also takes the loop's other
+    arguments (position_ids, logits_to_keep), else None and which arguments are missing."""
+    params = inspect.signature(forward).parameters
+    cache = next((name for name in CACHE_ARGUMENTS if name in params), None)
+    missing = [name for name in ("position_ids", "logits_to_keep") if name not in params]
+    if cache is None:
+        missing.insert(0, " / ".join(CACHE_ARGUMENTS))
+    if missing:
+        return None, f"its forward takes no {', no '.join(missing)}"
+    return cache, ""
 
 
 def draw_tokens(probs: torch.Tensor) -> torch.Tensor:

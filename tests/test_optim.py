@@ -87,3 +87,20 @@ def test_adamw_is_fused_and_matches_adamw_by_hand():
         v = b2 * v + (1 - b2) * g * g
         w = w - lr * (m / (1 - b1**t)) / ((v / (1 - b2**t)).sqrt() + eps)
     assert torch.allclose(p.detach().double(), w, atol=1e-6), (p.detach().double() - w).abs().max()
+
+
+def test_adamw_without_its_fused_kernel_says_why_once(caplog):
+    """Parameters the fused kernel cannot take (two devices here) get the plain AdamW, and the
+    log says so once per process, naming the devices, not at every optimizer built."""
+    from actors.policy import make_optimizer
+
+    params = [torch.nn.Parameter(torch.ones(3)), torch.nn.Parameter(torch.ones(3, device="meta"))]
+    cfg = TrainConfig(optimizer="adamw", lr=0.1)
+    with caplog.at_level("WARNING", logger="actors.policy"):
+        opt = make_optimizer(params, cfg)
+        make_optimizer(params, cfg)
+    assert not opt.defaults.get("fused")
+    said = [r.getMessage() for r in caplog.records if "fused" in r.getMessage()]
+    assert said == [
+        "AdamW runs without its fused kernel (slower): the parameters sit on 2 devices (cpu, meta)"
+    ]

@@ -255,6 +255,74 @@ def test_lean_decode_draws_what_generate_draws(tiny_path, tiny_tokenizer, sampli
     assert stopped[0] and bool((ref.response_ids[0, 3:] == tiny_tokenizer.pad_token_id).all())
 
 
+def test_lean_decode_takes_the_cache_under_either_name(tiny_path, tiny_tokenizer, caplog):
+    """transformers 5.25 renamed the forward's `past_key_values` to `cache`: the loop passes
+    the cache under the name the model's forward takes (the installed transformers' own, and
+    the other one through a subclass of the same model), with the same greedy tokens; a
+    forward without the loop's arguments goes through generate and the log says why, once."""
+    from actors.rollout import CACHE_ARGUMENTS, HFBackend, lean_cache_argument
+    from rlhf.models import load_model
+
+    cfg = _cfg(tiny_path, "roles.rollout.max_new_tokens=16")
+    prompts = _prompts(cfg, tiny_tokenizer, n=4)
+    s = cfg.roles.rollout
+    native = HFBackend(cfg, "cpu")
+    installed = native.cache_arg
+    assert installed in CACHE_ARGUMENTS
+    other = next(name for name in CACHE_ARGUMENTS if name != installed)
+    base = type(native.model)
+
+    # The same model with the other transformers' forward: the cache under the other name.
+    def with_cache(
+        self, input_ids, attention_mask, position_ids, cache, use_cache, logits_to_keep=0
+    ):
+        return base.forward(
+            self,
+            input_ids,
+            attention_mask,
+            position_ids,
+            use_cache=use_cache,
+            logits_to_keep=logits_to_keep,
+            **{installed: cache},
+        )
+
+    def with_past(
+        self, input_ids, attention_mask, position_ids, past_key_values, use_cache, logits_to_keep=0
+    ):
+        return with_cache(
+            self,
+            input_ids,
+            attention_mask,
+            position_ids,
+            past_key_values,
+            use_cache,
+            logits_to_keep,
+        )
+
+    renamed = {"cache": with_cache, "past_key_values": with_past}[other]
+    model = load_model(cfg.model, trainable=False, device="cpu")
+    model.forward = renamed.__get__(model)
+    assert lean_cache_argument(model.forward) == (other, "")
+    swapped = HFBackend(cfg, "cpu", model=model)
+    want = native.generate(prompts, s, seed=0)
+    got = swapped.generate(prompts, s, seed=0)
+    assert swapped.lean and torch.equal(got.response_ids, want.response_ids)
+    torch.testing.assert_close(got.logps, want.logps, rtol=0, atol=1e-5)
+
+    model.forward = (lambda self, **kw: base.forward(self, **kw)).__get__(model)
+    with caplog.at_level("WARNING", logger="actors.rollout"):
+        plain = HFBackend(cfg, "cpu", model=model)
+        HFBackend(cfg, "cpu", model=model)
+    assert not plain.lean
+    said = [r.getMessage() for r in caplog.records]
+    assert said == [
+        "rollouts of LlamaForCausalLM go through transformers' generate, not the lean decode "
+        "loop (slower): its forward takes no cache / past_key_values, no position_ids, "
+        "no logits_to_keep"
+    ]
+    assert torch.equal(plain.generate(prompts, s, seed=0).response_ids, want.response_ids)
+
+
 def test_draw_tokens_samples_the_categorical_distribution(monkeypatch):
     """The inverse-CDF draw against the probabilities it is given: 400k draws per row land in
     each bin as often as its probability says (chi-square, 4 degrees of freedom), never on a
