@@ -3,7 +3,7 @@ TRL 1.16, on the same work, in one invocation.
 
     .venv/bin/python -m bench.offline [--steps N] [--only dpo] [--repeats K]
 
-Needs TRL (`pip install -c constraints-cpu.txt -e '.[bench]'`). Workloads (`--only` takes
+Needs TRL (`pip install -c requirements/lock-cpu.txt -e '.[bench]'`). Workloads (`--only` takes
 these names, and may be repeated):
 
     dpo              DPO, reference log-probs on the fly (ours: a separate reference actor)
