@@ -7,11 +7,15 @@ True on the response's tokens (a contiguous prefix of each row).
 from __future__ import annotations
 
 import math
+from typing import Literal
 
 import torch
 
 from rlhf.kl import KLEstimator, kl_estimate
 from rlhf.ops import masked_mean, masked_whiten
+
+#: What GRPO divides the centred scores by (ppo.scale_rewards).
+ScaleRewards = Literal["group", "batch", "none"]
 
 
 def last_token_index(response_mask: torch.Tensor) -> torch.Tensor:
@@ -75,34 +79,53 @@ def discounted_returns(
     return returns
 
 
+#: Added to the std that GRPO divides by (as TRL's GRPOTrainer): bounds the advantages of a
+#: group whose scores differ by rounding only.
+GROUP_STD_EPS = 1e-4
+
+
 def _group_view(scores: torch.Tensor, group_size: int) -> torch.Tensor:
+    """[N × G] float64 view: group statistics in float32 round (0.7 eight times has a float32
+    mean of 0.70000005), and the rounding, divided by a tiny std, became whole advantages."""
     if group_size < 1 or scores.numel() % group_size:
         raise ValueError(f"{scores.numel()} scores cannot be split into groups of {group_size}")
-    return scores.float().view(-1, group_size)
+    return scores.double().view(-1, group_size)
+
+
+def _zero_unanimous(groups: torch.Tensor, advantages: torch.Tensor) -> torch.Tensor:
+    """Exactly 0 for every sample of a group whose scores are all equal, whatever the values
+    (such a group says nothing about which response is better), as float32 [N·G]."""
+    unanimous = groups.amax(dim=1, keepdim=True) == groups.amin(dim=1, keepdim=True)
+    return advantages.masked_fill(unanimous, 0.0).float().reshape(-1)
 
 
 def grpo_advantages(
-    scores: torch.Tensor, group_size: int, scale: bool = True, eps: float = 1e-6
+    scores: torch.Tensor, group_size: int, scale: ScaleRewards = "group", eps: float = GROUP_STD_EPS
 ) -> torch.Tensor:
     """GRPO outcome advantages, Shao et al. 2024, §4.1.2: (r - mean_group) / std_group.
 
-    Scores are [N × G] with each prompt's G samples adjacent. std is the unbiased sample std
-    (as torch.std); `scale=False` only centres (Dr. GRPO, Liu et al. 2025).
+    Scores are [N × G] with each prompt's G samples adjacent; statistics in float64, and a
+    group of equal scores gets exactly 0. scale: "group" divides by the group's unbiased std
+    (as torch.std) + eps; "batch" by the std of all the batch's scores (TRL's
+    scale_rewards="batch"); "none" only centres (Dr. GRPO, Liu et al. 2025, §3.1).
     """
     groups = _group_view(scores, group_size)
     centred = groups - groups.mean(dim=1, keepdim=True)
-    if scale and group_size > 1:
+    if scale == "group" and group_size > 1:
         centred = centred / (groups.std(dim=1, keepdim=True) + eps)
-    return centred.reshape(-1)
+    elif scale == "batch" and groups.numel() > 1:
+        centred = centred / (groups.std() + eps)
+    return _zero_unanimous(groups, centred)
 
 
 def rloo_advantages(scores: torch.Tensor, group_size: int) -> torch.Tensor:
-    """RLOO, Ahmadian et al. 2024, eq. 6: r_i - 1/(G-1) Σ_{j≠i} r_j."""
+    """RLOO, Ahmadian et al. 2024, eq. 6: r_i - 1/(G-1) Σ_{j≠i} r_j (float64; a group of equal
+    scores gets exactly 0)."""
     if group_size < 2:
         raise ValueError("RLOO needs at least 2 samples per prompt")
     groups = _group_view(scores, group_size)
     others = (groups.sum(dim=1, keepdim=True) - groups) / (group_size - 1)
-    return (groups - others).reshape(-1)
+    return _zero_unanimous(groups, groups - others)
 
 
 def reinforce_pp_advantages(
@@ -120,7 +143,7 @@ def reinforce_pp_advantages(
     group's mean (the "REINFORCE++-baseline" variant).
     """
     if group_size > 1:
-        scores = grpo_advantages(scores, group_size, scale=False)
+        scores = grpo_advantages(scores, group_size, scale="none")
     rewards, _ = kl_shaped_rewards(scores, logps, ref_logps, response_mask, kl_coef, estimator)
     returns = discounted_returns(rewards, response_mask, gamma)
     return masked_whiten(returns, response_mask.bool())

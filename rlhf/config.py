@@ -242,8 +242,14 @@ class PPOConfig(_Section):
     """Where β·KL(π || π_ref) goes. reward: -β·KL per token is added to the rewards before the advantages (RLHF PPO, Ziegler et al. 2019). loss: β·KL per token is added to the policy loss, aggregated like it (GRPO, Shao et al. 2024; TRL's GRPOTrainer; usually with kl_estimator k3)."""
     aggregation: Literal["token_mean", "seq_mean", "seq_mean_token_sum"] = "token_mean"
     """Loss aggregation over tokens."""
-    whiten_advantages: bool = True
-    """Whiten advantages over the batch."""
+    whiten_advantages: bool | None = None
+    """Whiten advantages over the batch; null = true for gae, false for grpo and rloo (their
+    group baseline already centres each prompt's samples, and a batch-wide shift would give
+    unanimous groups a non-zero advantage; TRL does not whiten them either). REINFORCE++
+    whitens by definition."""
+    scale_rewards: Literal["group", "batch", "none"] = "group"
+    """GRPO: divide each group's centred scores by the group's std (group), by the batch's std
+    (batch), or not at all (none: Dr. GRPO, Liu et al. 2025)."""
     num_mini_batches: int = Field(1, ge=1)
     """Optimizer steps per PPO epoch: the rollout batch is cut into this many mini-batches."""
     old_logps: Literal["recompute", "rollout"] = "recompute"

@@ -8,6 +8,7 @@ response tokens. Rows of one prompt's n samples are adjacent.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import partial
 
 import torch
 
@@ -22,7 +23,7 @@ from rlhf.advantages import (
     rloo_advantages,
     shape_scores,
 )
-from rlhf.config import RunConfig
+from rlhf.config import PPOConfig, RunConfig
 from rlhf.ops import masked_mean, masked_whiten
 
 
@@ -33,9 +34,19 @@ class Advantages:
     metrics: dict[str, float]
 
 
-def _outcome_estimator(name: str):
+def _outcome_estimator(p: PPOConfig):
     """Group baselines applied to sequence scores before KL shaping (critic-free PPO)."""
-    return {"grpo": grpo_advantages, "rloo": rloo_advantages}[name]
+    if p.estimator == "grpo":
+        return partial(grpo_advantages, scale=p.scale_rewards)
+    return rloo_advantages
+
+
+def whitens(p: PPOConfig) -> bool:
+    """Whether the advantages are whitened over the batch after the estimator (see
+    ppo.whiten_advantages; REINFORCE++ whitens inside its estimator)."""
+    if p.estimator == "reinforce_pp":
+        return False
+    return p.estimator == "gae" if p.whiten_advantages is None else p.whiten_advantages
 
 
 def compute_advantages(
@@ -73,10 +84,10 @@ def compute_advantages(
         rewards, kl = kl_shaped_rewards(shaped, logps, ref, mask, kl_coef, p.kl_estimator)
         adv, returns = gae(rewards, values, mask, p.gamma, p.lam)
     else:
-        outcome = _outcome_estimator(p.estimator)(shaped, n)
+        outcome = _outcome_estimator(p)(shaped, n)
         rewards, kl = kl_shaped_rewards(outcome, logps, ref, mask, kl_coef, p.kl_estimator)
         adv = returns = discounted_returns(rewards, mask, p.gamma)
-    if p.whiten_advantages and p.estimator != "reinforce_pp":  # REINFORCE++ whitens by definition
+    if whitens(p):
         adv = masked_whiten(adv, mask)
     metrics = {
         "reward/mean": scores.float().mean().item(),

@@ -334,16 +334,21 @@ def test_discounted_returns_matches_reference(gamma):
 # ---------------------------------------------------------------------------------------------
 
 
-def ref_grpo(scores, G, scale, eps=1e-6):
+def ref_grpo(scores, G, scale, eps=1e-4):
     """GRPO, Shao et al. 2024, §4.1.2: Â_i = (r_i - mean(r)) / std(r) within each group
-    (unbiased sample std, + eps); Dr. GRPO (scale=False) only centres."""
+    (unbiased sample std, + eps); "batch" divides by the std of all scores instead, "none"
+    (Dr. GRPO) only centres. A group of equal scores carries no signal: 0."""
     s = scores.double().tolist()
+    n = len(s)
+    mu_all = sum(s) / n
+    sd_all = math.sqrt(sum((v - mu_all) ** 2 for v in s) / (n - 1)) if n > 1 else 0.0
     out = []
-    for i in range(0, len(s), G):
+    for i in range(0, n, G):
         grp = s[i : i + G]
         mu = sum(grp) / G
         sd = math.sqrt(sum((v - mu) ** 2 for v in grp) / (G - 1)) if G > 1 else 0.0
-        out += [(v - mu) / (sd + eps) if scale and G > 1 else v - mu for v in grp]
+        div = {"group": sd + eps if G > 1 else 1.0, "batch": sd_all + eps, "none": 1.0}[scale]
+        out += [0.0 if max(grp) == min(grp) else (v - mu) / div for v in grp]
     return out
 
 
@@ -360,7 +365,7 @@ def ref_rloo(scores, G):
 
 
 @pytest.mark.parametrize("G", [1, 2, 4, 8])
-@pytest.mark.parametrize("scale", [True, False])
+@pytest.mark.parametrize("scale", ["group", "batch", "none"])
 def test_grpo_matches_reference(G, scale):
     scores = torch.randn(16, generator=gen(9)) * 2 + 1
     out = grpo_advantages(scores, G, scale=scale)
@@ -370,8 +375,11 @@ def test_grpo_matches_reference(G, scale):
 
 def test_grpo_hand_values_and_degenerate_groups():
     # [1, 0, 0, 0]: mean 0.25, unbiased std sqrt((0.5625 + 3·0.0625)/3) = 0.5 -> [1.5, -0.5, -0.5, -0.5]
+    # (/ 0.5001 with TRL's eps 1e-4)
     assert_close(
-        grpo_advantages(torch.tensor([1.0, 0.0, 0.0, 0.0]), 4), [1.5, -0.5, -0.5, -0.5], atol=1e-5
+        grpo_advantages(torch.tensor([1.0, 0.0, 0.0, 0.0]), 4),
+        [0.75 / 0.5001, -0.25 / 0.5001, -0.25 / 0.5001, -0.25 / 0.5001],
+        atol=1e-6,
     )
     # identical scores in a group: all zeros, no NaN; a single sample: 0
     out = grpo_advantages(torch.tensor([3.0, 3.0, 3.0, -1.0, 2.0, 2.0]), 3)
@@ -379,6 +387,20 @@ def test_grpo_hand_values_and_degenerate_groups():
     assert torch.equal(out[:3], torch.zeros(3))
     assert torch.equal(grpo_advantages(torch.tensor([5.0, -2.0]), 1), torch.zeros(2))
     assert grpo_advantages(torch.tensor([1.0, 2.0]).bfloat16(), 2).dtype == torch.float32
+
+
+@pytest.mark.parametrize("value", [0.7, 0.1, 1 / 3, 1e-8, -2.3, 1e6 + 0.1])
+@pytest.mark.parametrize("scale", ["group", "batch", "none"])
+def test_unanimous_groups_get_exactly_zero(value, scale):
+    """Eight equal rewards that are not exact in binary: a float32 mean is off by an ulp, and
+    divided by std + eps that became +0.056 for every sample of a 0.7 group (and, whitened,
+    ±0.99). Every sample of such a group gets exactly 0, from GRPO, RLOO and the
+    REINFORCE++ baseline; the mixed group beside it is untouched."""
+    scores = torch.tensor([value] * 8 + [0.0, 1.0, 1.0, 0.0, 1.0, 0.0, 0.0, 0.0])
+    out = grpo_advantages(scores, 8, scale=scale)
+    assert torch.equal(out[:8], torch.zeros(8)), out[:8]
+    assert_close(out[8:], ref_grpo(scores, 8, scale)[8:], rtol=1e-6, atol=1e-6)
+    assert torch.equal(rloo_advantages(scores, 8)[:8], torch.zeros(8))
 
 
 @pytest.mark.parametrize("G", [0, 3, 5])
@@ -394,7 +416,7 @@ def test_rloo_matches_reference(G):
     assert_close(out, ref_rloo(scores, G), rtol=1e-5, atol=1e-5)
     # identity: leave-one-out baseline = G/(G-1) × (r - group mean)
     assert_close(
-        out, [G / (G - 1) * v for v in ref_grpo(scores, G, scale=False)], rtol=1e-5, atol=1e-5
+        out, [G / (G - 1) * v for v in ref_grpo(scores, G, scale="none")], rtol=1e-5, atol=1e-5
     )
 
 

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from actors.rollout import Rollout, experience_inputs, merge_rollouts, sequences
-from rlhf.advantages import gae, grpo_advantages
+from rlhf.advantages import RunningMeanStd, gae, grpo_advantages
 from rlhf.config import load_config
 from rlhf.experience import compute_advantages
 from rlhf.ops import masked_whiten
@@ -102,3 +102,58 @@ def test_grpo_experience_uses_group_normalised_scores():
         compute_advantages(
             _cfg(), scores, mask, logps, None, None, torch.ones(4, dtype=torch.bool), 0.0, None
         )
+
+
+@pytest.mark.parametrize(
+    "estimator, setting, whitened",
+    [
+        ("gae", None, True),
+        ("grpo", None, False),
+        ("rloo", None, False),
+        ("reinforce_pp", None, False),  # whitens inside its estimator
+        ("grpo", "true", True),
+        ("gae", "false", False),
+    ],
+)
+def test_whitening_default_follows_the_estimator(estimator, setting, whitened):
+    """ppo.whiten_advantages=null whitens GAE's advantages only; GRPO/RLOO keep their group
+    baselines as they are (as TRL), unless whitening is asked for."""
+    from rlhf.experience import whitens
+
+    extra = [f"ppo.whiten_advantages={setting}"] if setting else []
+    cfg = _cfg(f"ppo.estimator={estimator}", "roles.rollout.n_samples_per_prompt=2", *extra)
+    assert whitens(cfg.ppo) is whitened
+
+
+def test_unanimous_groups_of_binary_rewards_stay_zero_through_the_experience():
+    """The simulation of the issue: 0/1 rewards with a reward baseline and normalisation,
+    many unanimous groups; with the defaults (no whitening for GRPO/RLOO) none of them gets a
+    non-zero advantage on any token, for either estimator."""
+    g = torch.Generator().manual_seed(21)
+    n, G = 64, 8
+    p = torch.rand(n, 1, generator=g).round()  # unanimous-leaning prompts: solved or not
+    scores = (torch.rand(n, G, generator=g) < p * 0.97 + 0.015).float().reshape(-1)
+    mask = torch.ones(n * G, 4, dtype=torch.bool)
+    unanimous = (scores.view(n, G).amax(1) == scores.view(n, G).amin(1)).repeat_interleave(G)
+    assert int(unanimous.sum()) >= 8 * G
+    for estimator in ("grpo", "rloo"):
+        cfg = _cfg(
+            f"ppo.estimator={estimator}",
+            f"roles.rollout.n_samples_per_prompt={G}",
+            "roles.reward.baseline=0.7",
+            "roles.reward.normalize=true",
+            "ppo.kl_coef=0",
+        )
+        out = compute_advantages(
+            cfg,
+            scores,
+            mask,
+            torch.zeros(n * G, 4),
+            None,
+            None,
+            torch.ones(n * G, dtype=torch.bool),
+            0.0,
+            RunningMeanStd(),
+        )
+        assert torch.equal(out.advantages[unanimous], torch.zeros(int(unanimous.sum()), 4))
+        assert bool((out.advantages[~unanimous] != 0).all())
