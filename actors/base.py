@@ -3,9 +3,12 @@ pinning and a health probe."""
 
 from __future__ import annotations
 
+import contextlib
+import io
 import os
 import socket
 from dataclasses import dataclass
+from pathlib import Path
 
 
 @dataclass(frozen=True)
@@ -41,6 +44,48 @@ def free_port(host: str = "127.0.0.1") -> int:
     raise RuntimeError(f"no free TCP port in {PORT_RANGE} on {host or 'any address'}")
 
 
+LOOPBACK = ("127.0.0.1", "::1", "localhost")
+
+
+def tcp_store(addr: str, port: int, world_size: int, rank: int, timeout):
+    """The rendezvous store of a process group. torch's own store server listens on every
+    interface; this one listens on `addr` alone (127.0.0.1 in a local run, rank 0's node
+    address on a cluster): rank 0 binds the socket and hands it to the server."""
+    from torch.distributed import TCPStore
+
+    if rank != 0:
+        return TCPStore(addr, port, world_size, False, timeout=timeout)
+    sock = socket.socket(socket.AF_INET6 if ":" in addr else socket.AF_INET, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.bind((addr, port))
+    sock.listen(128)
+    # The server owns the socket from here on (detached: Python's GC must not close it).
+    return TCPStore(addr, port, world_size, True, timeout=timeout, master_listen_fd=sock.detach())
+
+
+def loopback_interface() -> str | None:
+    """The name of the network interface that holds 127.0.0.1 (lo on Linux)."""
+    import psutil
+
+    for name, addrs in psutil.net_if_addrs().items():
+        if any(a.address == "127.0.0.1" for a in addrs):
+            return name
+    return None
+
+
+def _say_if_compiling_shm_op() -> None:
+    """DeepSpeed's CPU accelerator compiles a shared-memory op the first time, silently."""
+    from torch.utils.cpp_extension import get_default_build_root
+
+    root = os.environ.get("TORCH_EXTENSIONS_DIR") or get_default_build_root()
+    if not any(Path(root).glob("**/deepspeed_shm_comm*.so")):
+        print(
+            "compiling DeepSpeed's shared-memory op for CPU runs (first run on this machine only: "
+            f"30-70 s, needs a C++ compiler; kept in {root}, set by TORCH_EXTENSIONS_DIR)",
+            flush=True,
+        )
+
+
 def pin_threads(n: int | None = None) -> int:
     """One torch thread per process unless told otherwise: on small machines two threads per
     process run 5-50x slower as soon as another process competes for the cores."""
@@ -73,21 +118,44 @@ class Worker:
                 "MASTER_PORT": str(info.master_port),
             }
         )
+        if info.master_addr in LOOPBACK and loopback_interface():
+            # A local run: gloo's pairs listen on the loopback too, not on the host's address.
+            os.environ.setdefault("GLOO_SOCKET_IFNAME", loopback_interface())
         pin_threads()
         if has_gpu():
             import torch
 
             torch.cuda.set_device(info.local_rank)
+        else:
+            # Said by the placement plan already; DeepSpeed would warn again in every actor.
+            os.environ.setdefault("DS_ACCELERATOR", "cpu")
 
     @property
     def device(self) -> str:
         return f"cuda:{self.info.local_rank}" if has_gpu() else "cpu"
 
     def init_process_group(self) -> None:
-        """gloo on CPU, NCCL on GPU (DeepSpeed picks the accelerator's backend)."""
-        import deepspeed
+        """gloo on CPU, NCCL on GPU, rendezvous through `tcp_store` (listening on the master
+        address only); DeepSpeed then adopts the group."""
+        import datetime
 
-        deepspeed.init_distributed(dist_backend="nccl" if has_gpu() else "gloo", verbose=False)
+        import deepspeed
+        import torch.distributed as dist
+
+        backend = "nccl" if has_gpu() else "gloo"
+        if backend == "gloo" and self.info.rank == 0:
+            _say_if_compiling_shm_op()
+        if not dist.is_initialized():
+            i = self.info
+            timeout = datetime.timedelta(minutes=30)
+            store = tcp_store(i.master_addr, i.master_port, i.world_size, i.rank, timeout)
+            dist.init_process_group(
+                backend, store=store, rank=i.rank, world_size=i.world_size, timeout=timeout
+            )
+        # DeepSpeed prints "... shm_comm_op built successfully" in every rank at every run,
+        # also when it only loads the compiled op (a first compile is said above).
+        with contextlib.redirect_stdout(io.StringIO()):
+            deepspeed.init_distributed(dist_backend=backend, verbose=False)
 
     def peak_rss_mb(self) -> float:
         """Peak resident memory of this actor's process, in MiB."""

@@ -13,6 +13,7 @@ import logging
 import os
 import shutil
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -27,9 +28,19 @@ from actors.reference import ReferenceModel
 from rlhf.config import RunConfig, dump_config
 from rlhf.data import load_datasets, make_collator
 from rlhf.data.pipeline import TokenizedDataset
-from rlhf.models import load_tokenizer
-from rlhf.objectives import RefLogps
+from rlhf.data.quarantine import DataError
+from rlhf.models import check_run_models, load_tokenizer
+from rlhf.objectives import RefLogps, model_kind
 from rlhf.placement import active_roles, role_resources
+from rlhf.rundir import (
+    Claim,
+    TrainingAborted,
+    claim_output_dir,
+    complete_checkpoints,
+    disk_full_message,
+    is_disk_full,
+    seal_checkpoint,
+)
 
 log = logging.getLogger(__name__)
 
@@ -50,11 +61,8 @@ FORWARDED_ENV = (
     "RLHF_THREADS_PER_ACTOR",
     "WANDB_MODE",
     "WANDB_DIR",
+    "HF_HUB_DISABLE_PROGRESS_BARS",
 )
-
-
-class TrainingAborted(RuntimeError):
-    """The run stopped on purpose (too many bad steps); the message names the last checkpoint."""
 
 
 # ----------------------------------------------------------------------------- groups
@@ -131,8 +139,18 @@ class StepPlan:
 
     @property
     def total_steps(self) -> int:
-        total = self.steps_per_epoch * self.epochs
-        return min(total, self.max_steps) if self.max_steps else total
+        """max_steps when set (it wins over epochs, as in HF Trainer), else epochs' worth."""
+        return self.max_steps if self.max_steps else self.steps_per_epoch * self.epochs
+
+    def extra_epochs_note(self) -> str | None:
+        """A line for the log when max_steps takes more passes over the data than epochs say."""
+        if not self.max_steps or self.max_steps <= self.steps_per_epoch * self.epochs:
+            return None
+        return (
+            f"train.max_steps={self.max_steps} wins over train.epochs={self.epochs}: "
+            f"{self.max_steps / self.steps_per_epoch:.2f} passes over the data "
+            f"({self.steps_per_epoch} steps each)"
+        )
 
     def order(self, epoch: int) -> list[int]:
         g = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
@@ -160,6 +178,9 @@ def init_ray(cfg: RunConfig) -> None:
     """Join the cluster in RAY_ADDRESS, or start a local one bound to 127.0.0.1."""
     if ray.is_initialized():
         return
+    if not cfg.logging.verbose:
+        # One "Loading weights" bar per actor per model is noise; logging.verbose shows them.
+        os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
     env = {k: os.environ[k] for k in FORWARDED_ENV if k in os.environ}
     if os.environ.get("RAY_ADDRESS"):
         # Inside a Ray job (`rlhf submit`, `ray job submit`) the job's runtime_env already
@@ -172,7 +193,16 @@ def init_ray(cfg: RunConfig) -> None:
         role_resources(cfg, r).world_size * role_resources(cfg, r).cpus_per_rank
         for r in active_roles(cfg)
     )
+    _loopback_only()
+    # Token auth stays on (Ray's default for a new local cluster), without Ray's line at
+    # every run that suggests RAY_AUTH_MODE=disabled to opt out.
+    logging.getLogger("ray._private.authentication.authentication_token_setup").setLevel(
+        logging.ERROR
+    )
     ray.init(
+        # A cluster of its own, also when `ray start` left one running on this machine (which
+        # a bare ray.init() would join).
+        address="local",
         num_cpus=max(int(needed + 0.999), os.cpu_count() or 1),
         _node_ip_address="127.0.0.1",
         include_dashboard=False,
@@ -182,9 +212,21 @@ def init_ray(cfg: RunConfig) -> None:
     )
 
 
+def _loopback_only() -> None:
+    """A local cluster listens on 127.0.0.1 alone. Ray turns a node IP of 127.0.0.1 into the
+    host's LAN address, and its services (GCS, raylet, workers, agents, metrics) bind to that
+    or to every interface, unless it is told the node is no cluster: Ray's own switch for
+    laptops, RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0 (read at import, so the constant is set too;
+    the env var reaches the processes Ray starts)."""
+    from ray._private import ray_constants
+
+    os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
+    ray_constants.ENABLE_RAY_CLUSTER = False
+
+
 class OfflineRun:
-    def __init__(self, cfg: RunConfig):
-        self.cfg = cfg
+    def __init__(self, cfg: RunConfig, claim: Claim):
+        self.cfg, self.claim = cfg, claim
         self.out = Path(cfg.output_dir)
         self.ckpt_root = self.out / "checkpoints"
         fmt = cfg.data_format
@@ -205,11 +247,13 @@ class OfflineRun:
             t.max_steps,
             cfg.data.seed,
         )
-        if self.plan.total_steps == 0:
-            raise ValueError(
+        if self.plan.steps_per_epoch == 0:
+            raise DataError(
                 f"{len(self.train_set)} training examples make no full global batch of {t.global_batch_size}: "
                 "lower train.global_batch_size or add data"
             )
+        if self.plan.extra_epochs_note():
+            print(self.plan.extra_epochs_note(), flush=True)
         self.policy: PolicyGroup | None = None
         self.reference: ReferenceGroup | None = None
         self.ref_cache: ReferenceCache | None = None
@@ -263,7 +307,7 @@ class OfflineRun:
         return self._resume()
 
     def _resume(self) -> int:
-        path = find_checkpoint(self.ckpt_root, self.cfg.checkpoint.resume)
+        path = self.claim.resume_from
         if path is None:
             return 0
         step = self.policy.load_checkpoint(str(path.parent), path.name)  # type: ignore[union-attr]
@@ -275,9 +319,12 @@ class OfflineRun:
 
     def save(self, step: int) -> Path:
         tag = f"step_{step}"
-        self.policy.save_checkpoint(str(self.ckpt_root), tag)  # type: ignore[union-attr]
-        self.last_checkpoint = seal_checkpoint(
-            self.cfg, self.ckpt_root / tag, {"step": step, "bad_steps": self.bad_steps}
+        self.last_checkpoint = write_checkpoint(
+            self.cfg,
+            self.claim,
+            self.ckpt_root / tag,
+            lambda: self.policy.save_checkpoint(str(self.ckpt_root), tag),  # type: ignore[union-attr]
+            {"step": step, "bad_steps": self.bad_steps},
         )
         return self.last_checkpoint
 
@@ -324,6 +371,7 @@ class OfflineRun:
                     queued = self._launch(step + 1)
                 results = self.policy.gather(current)  # type: ignore[union-attr]
                 now = time.perf_counter()
+                self.first_step_done = getattr(self, "first_step_done", None) or now
                 self.step_times.append(now - tick)
                 tick = now
                 samples += plan.global_batch
@@ -439,17 +487,26 @@ def _mean(rows: list[dict[str, float]]) -> dict[str, float]:
     }
 
 
-def seal_checkpoint(cfg: RunConfig, path: Path, state: dict) -> Path:
-    """Finish a checkpoint the actors have written: config, coordinator state, then the
-    COMPLETE marker (last, so a crash mid-save never looks resumable); prune old ones."""
-    dump_config(cfg, path / "config.yaml")
-    (path / "trainer_state.json").write_text(json.dumps(state))
-    (path / "COMPLETE").write_text("")
-    keep = cfg.checkpoint.keep_last
-    if keep:
-        for old in complete_checkpoints(path.parent)[:-keep]:
-            shutil.rmtree(old, ignore_errors=True)
-    return path
+def write_checkpoint(
+    cfg: RunConfig, claim: Claim, path: Path, save_actors: Callable[[], object], state: dict
+) -> Path:
+    """The actors write their state into `path`, then the driver seals it (rlhf.rundir). A save
+    that fails leaves nothing behind (the partial folder is removed: it was never marked
+    complete); a full disk stops the run with one line naming the disk, the path and the
+    free space, and the last whole checkpoint."""
+    try:
+        save_actors()
+        return seal_checkpoint(cfg, path, state, claim.run_id)
+    except BaseException as err:  # Ctrl-C and a dead actor too: no partial folder stays
+        full = isinstance(err, Exception) and not isinstance(err, ActorDied)
+        full = full and is_disk_full(err, path)
+        if not (path / "COMPLETE").exists():  # sealed already (pruning was cut): keep it
+            shutil.rmtree(path, ignore_errors=True)
+        if not full:
+            raise
+        last = complete_checkpoints(path.parent)
+        where = f"the last checkpoint is {last[-1]}" if last else "no checkpoint was written"
+        raise TrainingAborted(f"{disk_full_message(path, 'saving checkpoint')}; {where}") from None
 
 
 def write_actor_pids(out: Path, groups: dict[str, ActorGroup | None]) -> None:
@@ -458,34 +515,19 @@ def write_actor_pids(out: Path, groups: dict[str, ActorGroup | None]) -> None:
     (out / "actors.json").write_text(json.dumps(pids))
 
 
-def complete_checkpoints(root: Path) -> list[Path]:
-    """Finished checkpoints under root, oldest first (a crash mid-save leaves no COMPLETE)."""
-    if not root.exists():
-        return []
-    found = [p for p in root.glob("step_*") if (p / "COMPLETE").exists()]
-    return sorted(found, key=lambda p: int(p.name.split("_")[1]))
-
-
-def find_checkpoint(root: Path, resume: str) -> Path | None:
-    if resume == "never":
-        return None
-    if resume == "auto":
-        found = complete_checkpoints(root)
-        return found[-1] if found else None
-    path = Path(resume)
-    if not (path / "COMPLETE").exists():
-        raise FileNotFoundError(
-            f"checkpoint.resume={resume}: not a complete checkpoint (no COMPLETE marker)"
-        )
-    return path
-
-
-def _make_run(cfg: RunConfig):
+def _make_run(cfg: RunConfig, claim: Claim):
     if cfg.algorithm == "ppo":
         from actors.ppo import OnlineRun
 
-        return OnlineRun(cfg)
-    return OfflineRun(cfg)
+        return OnlineRun(cfg, claim)
+    return OfflineRun(cfg, claim)
+
+
+def _claim(cfg: RunConfig) -> Claim:
+    claim = claim_output_dir(cfg)
+    for note in claim.notes:
+        print(note, flush=True)
+    return claim
 
 
 def train(cfg: RunConfig) -> dict:
@@ -496,8 +538,10 @@ def train(cfg: RunConfig) -> dict:
     """
     started = time.perf_counter()
     restarts = 0
+    check_run_models(cfg, model_kind(cfg))
+    claim = _claim(cfg)
     while True:
-        run = _make_run(cfg)
+        run = _make_run(cfg, claim)
         try:
             metrics = run.run()
             final = run.finish()
@@ -514,21 +558,25 @@ def train(cfg: RunConfig) -> dict:
                     f"{err}; {where}: restarting ({restarts}/{cfg.train.max_restarts}) from it",
                     flush=True,
                 )
+                update = {"resume": "auto", "overwrite": False}
                 cfg = cfg.model_copy(
-                    update={"checkpoint": cfg.checkpoint.model_copy(update={"resume": "auto"})}
+                    update={"checkpoint": cfg.checkpoint.model_copy(update=update)}
                 )
+                claim = _claim(cfg)
                 continue
             raise TrainingAborted(
-                f"{err}; {where}. Continue with: rlhf train <config> checkpoint.resume=auto "
-                "(or set train.max_restarts to restart by itself)"
+                f"{err}; {where} (train.max_restarts restarts from it by itself)"
             ) from err
         finally:
             run.shutdown()
+    first = getattr(run, "first_step_done", None)
     summary = {
         "steps": run.plan.total_steps,
         "restarts": restarts,
         "final_model": str(final),
         "wall_s": round(time.perf_counter() - started, 1),
+        # Start-up: cluster, actors, models, data, up to the end of the first step.
+        "first_step_s": round(first - started, 1) if first is not None else None,
         "samples_per_s": run.throughput(),
         "peak_rss_mb": peak_rss,
         "metrics": metrics,

@@ -19,7 +19,7 @@ from ray.util.placement_group import placement_group, remove_placement_group
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
 from actors.base import RankInfo, free_port
-from rlhf.config import RoleResources, RunConfig
+from rlhf.config import ConfigError, RoleResources, RunConfig
 from rlhf.placement import PlacementPlan, nodes_from_ray, plan_placement
 
 #: Ray's built-in node label (Ray >= 2.49): a bundle selecting it lands on exactly that node.
@@ -41,13 +41,39 @@ class ActorDied(RuntimeError):
         self.role = role
 
 
+class ActorStartFailed(ConfigError):
+    """An actor raised in its constructor: a problem of the run's set-up (a model, a file, a
+    setting), reported like a config error, with the actor's own error; nothing to resume."""
+
+    def __init__(self, role: str, cause: BaseException):
+        super().__init__(f"the {role} actor failed to start: {_remote_error_line(str(cause))}")
+        self.role = role
+
+
+def _remote_error_line(text: str) -> str:
+    """The 'SomeError: message' line that ends a remote traceback (else the text's last line)."""
+    lines = [ln.strip() for ln in text.strip().splitlines() if ln.strip()]
+    for line in reversed(lines):
+        head = line.split(":", 1)[0]
+        if (
+            ":" in line
+            and head.replace(".", "").isidentifier()
+            and head.endswith(("Error", "Exception"))
+        ):
+            return line
+    return lines[-1] if lines else "unknown error"
+
+
 def gather(refs: Sequence[ray.ObjectRef]) -> list[Any]:
-    """ray.get that reports a dead actor by its role (ActorDied) instead of a raw Ray error."""
+    """ray.get that reports a dead actor by its role (ActorDied, or ActorStartFailed when its
+    constructor raised) instead of a raw Ray error."""
     try:
         return ray.get(list(refs))
     except ray.exceptions.RayActorError as err:
-        actor_id = getattr(err, "actor_id", None) or ""
-        raise ActorDied(_ROLES.get(actor_id, "unknown"), err) from err
+        role = _ROLES.get(getattr(err, "actor_id", None) or "", "unknown")
+        if getattr(err, "_actor_init_failed", False):
+            raise ActorStartFailed(role, err) from err
+        raise ActorDied(role, err) from err
 
 
 class ClusterPlacement:

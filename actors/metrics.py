@@ -26,7 +26,12 @@ class MetricsLogger:
         self.recent: deque[tuple[float, int]] = deque(maxlen=10)  # (time, samples) of recent logs
         self.log_every = cfg.logging.log_every
         self.bar = None
-        if cfg.logging.progress:
+        # Not a terminal (a log file, a Ray job's logs): a plain line every ~5% of the run,
+        # not a bar redrawn into the file at every step.
+        self.line_every = 0
+        if cfg.logging.progress and not sys.stderr.isatty():
+            self.line_every = max(1, total_steps // 20)
+        elif cfg.logging.progress:
             from tqdm import tqdm
 
             self.bar = tqdm(
@@ -64,14 +69,22 @@ class MetricsLogger:
             self.tb = SummaryWriter(str(self.out / "tensorboard"))
 
     def _truncate_after(self, step: int) -> None:
-        """On resume, drop rows the interrupted run wrote after its last checkpoint."""
+        """On resume, drop rows the interrupted run wrote after its last checkpoint (all of
+        them when it starts from step 0), and a half-written line (a crash mid-write), said
+        once."""
         if not self.path.exists():
             return
-        keep = [
-            line
-            for line in self.path.read_text().splitlines()
-            if line.strip() and json.loads(line)["step"] <= step
-        ]
+        keep, torn = [], 0
+        for line in self.path.read_text(encoding="utf-8", errors="replace").splitlines():
+            try:
+                row = json.loads(line) if line.strip() else None
+            except ValueError:
+                torn += 1
+                continue
+            if row is not None and step > 0 and row.get("step", step + 1) <= step:
+                keep.append(line)
+        if torn:
+            print(f"{self.path}: dropped {torn} half-written line(s) (a crash mid-write)")
         self.path.write_text("".join(line + "\n" for line in keep))
 
     def log(self, step: int, metrics: dict[str, float], samples: int = 0) -> None:
@@ -83,17 +96,22 @@ class MetricsLogger:
         if self.tb is not None:
             for k, v in metrics.items():
                 self.tb.add_scalar(k, v, step)
+        if self.bar is None and not self.line_every:
+            return
+        # Throughput over the last few logged steps, not since start-up (model loading
+        # would drag it down for the whole run).
+        self.recent.append((time.perf_counter(), samples))
+        shown = {k: f"{metrics[k]:.4g}" for k in HEADLINE if k in metrics}
+        (t0, s0), (t1, s1) = self.recent[0], self.recent[-1]
+        if t1 > t0:
+            shown["samples/s"] = f"{(s1 - s0) / (t1 - t0):.1f}"
         if self.bar is not None:
-            # Throughput over the last few logged steps, not since start-up (model loading
-            # would drag it down for the whole run).
-            self.recent.append((time.perf_counter(), samples))
-            shown = {k: f"{metrics[k]:.4g}" for k in HEADLINE if k in metrics}
-            (t0, s0), (t1, s1) = self.recent[0], self.recent[-1]
-            if t1 > t0:
-                shown["samples/s"] = f"{(s1 - s0) / (t1 - t0):.1f}"
             self.bar.set_postfix(shown, refresh=False)
             self.bar.n = step
             self.bar.refresh()
+        elif step % self.line_every == 0 or step == self.total:
+            fields = "".join(f", {k} {v}" for k, v in shown.items())
+            print(f"step {step}/{self.total}{fields}", file=sys.stderr, flush=True)
 
     def close(self) -> None:
         if self.bar is not None:

@@ -10,15 +10,41 @@ import time
 import ray
 
 from actors.coordinator import train
+from rlhf.config import RunConfig
 from rlhf.models import merge_lora
-from rlhf.pipeline import Pipeline, Stage
+from rlhf.pipeline import DONE_MARKER, Pipeline, Stage
+from rlhf.rundir import newest_valid_checkpoint, resume_conflicts
 
 
-def run_stage(stage: Stage) -> dict:
+def stage_config(stage: Stage, upstream_rerun: bool) -> RunConfig:
+    """The stage's config as it runs now: resumed from its last checkpoint when it was
+    interrupted with the same config, started over (checkpoint.overwrite) when it finished
+    earlier, an input stage ran again, or its config changed since it was interrupted."""
+    cfg = stage.config
+    assert cfg is not None
+    checkpoint, _ = newest_valid_checkpoint(stage.out / "checkpoints")
+    why = ""
+    if (stage.out / DONE_MARKER).exists():
+        why = "its config or inputs changed since it finished"
+    elif upstream_rerun:
+        why = "a stage it reads ran again"
+    elif checkpoint is not None and (changed := resume_conflicts(checkpoint, cfg)):
+        why = f"its config changed since it was interrupted ({', '.join(changed)})"
+    if not why:
+        return cfg
+    print(f"== stage {stage.name}: starting over, {why}", flush=True)
+    # Gone before the run starts: an interruption from here on resumes the new run.
+    (stage.out / DONE_MARKER).unlink(missing_ok=True)
+    return cfg.model_copy(
+        update={"checkpoint": cfg.checkpoint.model_copy(update={"overwrite": True})}
+    )
+
+
+def run_stage(stage: Stage, upstream_rerun: bool = False) -> dict:
     stage.out.mkdir(parents=True, exist_ok=True)
     if stage.config is not None:
         try:
-            return train(stage.config)
+            return train(stage_config(stage, upstream_rerun))
         finally:
             # Each stage starts its own groups; a local cluster is not kept between stages.
             if ray.is_initialized():
@@ -48,7 +74,7 @@ def run_pipeline(pipeline: Pipeline) -> dict[str, dict]:
             summaries[stage.name] = json.loads((stage.out / "summary.json").read_text())
             continue
         print(f"== stage {stage.name} ({stage.kind}) -> {stage.out}", flush=True)
-        summaries[stage.name] = run_stage(stage)
+        summaries[stage.name] = run_stage(stage, bool(rerun.intersection(stage.reads)))
         stage.mark_done()
         rerun.add(stage.name)
     (pipeline.out / "pipeline_summary.json").write_text(json.dumps(summaries, indent=2))

@@ -22,10 +22,9 @@ from actors.coordinator import (
     PolicyGroup,
     ReferenceGroup,
     StepPlan,
-    find_checkpoint,
     init_ray,
-    seal_checkpoint,
     write_actor_pids,
+    write_checkpoint,
 )
 from actors.group import (
     ActorGroup,
@@ -42,10 +41,12 @@ from actors.rollout import Rollout, RolloutGenerator, merge_rollouts, rank_slice
 from rlhf.advantages import RunningMeanStd
 from rlhf.config import RunConfig, dump_config
 from rlhf.data import load_datasets, make_collator
+from rlhf.data.quarantine import DataError
 from rlhf.experience import compute_advantages
 from rlhf.kl import make_kl_controller
 from rlhf.models import load_tokenizer
 from rlhf.objectives import KLPenalty
+from rlhf.rundir import Claim
 from rlhf.types import Experience
 
 #: The roles of an online run, in the order they are reported.
@@ -151,8 +152,8 @@ class DeferredRows:
 
 
 class OnlineRun:
-    def __init__(self, cfg: RunConfig):
-        self.cfg = cfg
+    def __init__(self, cfg: RunConfig, claim: Claim):
+        self.cfg, self.claim = cfg, claim
         self.out = Path(cfg.output_dir)
         self.tokenizer = load_tokenizer(cfg.model)
         self.prompts, self.eval_prompts = load_datasets(
@@ -170,6 +171,13 @@ class OnlineRun:
             t.max_steps,
             cfg.data.seed,
         )
+        if self.plan.steps_per_epoch == 0:
+            raise DataError(
+                f"{len(self.prompts)} prompts make no full step of train.global_batch_size="
+                f"{t.global_batch_size}: lower it or add prompts"
+            )
+        if self.plan.extra_epochs_note():
+            print(self.plan.extra_epochs_note(), flush=True)
         self.updates = self.plan.total_steps * cfg.ppo.ppo_epochs * cfg.ppo.num_mini_batches
         self.kl = make_kl_controller(cfg.ppo.kl_coef, cfg.ppo.kl_target, cfg.ppo.kl_horizon)
         self.normalizer = RunningMeanStd() if cfg.roles.reward.normalize else None
@@ -207,19 +215,22 @@ class OnlineRun:
         """Policy and critic (DeepSpeed, every rank) plus KL controller, reward normaliser and
         step (the prompt position follows from it); rollout weights come from the policy."""
         path = self.out / "checkpoints" / f"step_{step}"
-        refs = self.policy.call(lambda a: a.save_checkpoint.remote(str(path), "policy"))
-        if self.critic is not None:
-            refs += self.critic.call(lambda a: a.save_checkpoint.remote(str(path), "critic"))
-        gather(refs)
+
+        def save_actors():
+            refs = self.policy.call(lambda a: a.save_checkpoint.remote(str(path), "policy"))
+            if self.critic is not None:
+                refs += self.critic.call(lambda a: a.save_checkpoint.remote(str(path), "critic"))
+            gather(refs)
+
         state = {
             "step": step,
             "kl": self.kl.state_dict(),
             "normalizer": self.normalizer.state_dict() if self.normalizer else None,
         }
-        return seal_checkpoint(self.cfg, path, state)
+        return write_checkpoint(self.cfg, self.claim, path, save_actors, state)
 
     def resume(self) -> int:
-        path = find_checkpoint(self.out / "checkpoints", self.cfg.checkpoint.resume)
+        path = self.claim.resume_from
         if path is None:
             return 0
         refs = self.policy.call(lambda a: a.load_checkpoint.remote(str(path), "policy"))
@@ -502,6 +513,7 @@ class OnlineRun:
                     }
                 )
                 self.step_times.append(t4 - t0)
+                self.first_step_done = getattr(self, "first_step_done", None) or t4
                 if evaluates:
                     metrics.update(self.evaluate())
                 # samples/s counts responses, as the summary's throughput does

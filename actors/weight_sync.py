@@ -18,7 +18,8 @@ import math
 from collections.abc import Iterator
 
 import torch
-from torch.distributed import TCPStore
+
+from actors.base import tcp_store
 
 TIMEOUT = datetime.timedelta(seconds=600)
 WeightSpec = tuple[str, list[int], str]  # name, shape, dtype name
@@ -130,7 +131,7 @@ class BucketSender:
 
 
 def open_group(addr: str, port: int, world_size: int, rank: int, device: str):
-    store = TCPStore(addr, port, world_size, rank == 0, timeout=TIMEOUT)
+    store = tcp_store(addr, port, world_size, rank, TIMEOUT)
     if device.startswith("cuda"):
         from torch.distributed.distributed_c10d import ProcessGroupNCCL
 

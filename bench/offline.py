@@ -667,9 +667,10 @@ def precompute_worker(spec: dict) -> None:
     from actors.coordinator import OfflineRun, ReferenceGroup, init_ray
     from actors.refcache import ReferenceCache
     from rlhf.config import load_config
+    from rlhf.rundir import claim_output_dir
 
     cfg = load_config(Path(spec["config"]), spec["overrides"])
-    run = OfflineRun(cfg)
+    run = OfflineRun(cfg, claim_output_dir(cfg))
     init_ray(cfg)
     reference = ReferenceGroup(cfg)
     try:

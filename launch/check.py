@@ -1,10 +1,11 @@
 """`rlhf check`: a dry run of a config on one process — validate the config, read and
 tokenise the data (quarantining bad rows), load the models and compute the loss and metrics
-of the first batch. Nothing is trained; it fails where a real run would, before any cluster
-time is spent."""
+of the first batch. Nothing is trained and nothing is written into output_dir; it fails where a
+real run would, before any cluster time is spent."""
 
 from __future__ import annotations
 
+import tempfile
 import time
 from pathlib import Path
 
@@ -12,22 +13,24 @@ import torch
 
 from rlhf.config import RunConfig, dump_config
 from rlhf.data import load_datasets, make_collator
-from rlhf.models import count_parameters, load_model, load_tokenizer
+from rlhf.models import check_run_models, count_parameters, load_model, load_tokenizer
 from rlhf.objectives import model_kind, objective_for, reference_logps
 from rlhf.placement import plan_placement
 
 
-def run_check(cfg: RunConfig) -> dict[str, float]:
+def run_check(cfg: RunConfig, show_config: bool = False) -> dict[str, float]:
+    """Writes nothing into output_dir (bad rows are listed in a temporary folder)."""
     start = time.perf_counter()
-    out = Path(cfg.output_dir)
-    print(dump_config(cfg, out / "config.yaml"), end="")
-    print(f"-- resolved config written to {out / 'config.yaml'}")
+    if show_config:
+        print(dump_config(cfg), end="")
+    check_run_models(cfg, model_kind(cfg))
     plan = plan_placement(cfg)  # against the declared `cluster` section
     print(plan.table())
     plan.check()
     torch.manual_seed(cfg.train.seed)
     tokenizer = load_tokenizer(cfg.model)
-    train, evaluation = load_datasets(cfg.data, cfg.data_format, tokenizer, out)
+    quarantine = Path(tempfile.mkdtemp(prefix="rlhf-check-"))
+    train, evaluation = load_datasets(cfg.data, cfg.data_format, tokenizer, quarantine)
     for ds in (train, evaluation):
         if ds is not None:
             print(f"-- data: {ds.summary()}")

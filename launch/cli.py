@@ -18,13 +18,17 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import shlex
 import sys
+import tempfile
+import traceback
 from pathlib import Path
 
 from launch import tools
 from rlhf.config import ConfigError, dump_config, load_config
 from rlhf.data.quarantine import DataError
 from rlhf.pipeline import is_pipeline_file, load_pipeline
+from rlhf.rundir import TrainingAborted
 
 
 def _pin_threads() -> None:
@@ -63,45 +67,41 @@ def cmd_check(args) -> int:
         print("-- pipeline check passed: every stage's config resolves")
         return 0
     cfg = load_config(args.config, args.overrides)
-    run_check(cfg)
+    run_check(cfg, show_config=args.show_config)
     return 0
 
 
-def _run_training(cfg) -> int:
-    from actors.coordinator import TrainingAborted, train
+def _run_training(args, cfg) -> int:
+    from actors.coordinator import train
 
     _pin_threads()
-    try:
-        summary = train(cfg)
-    except TrainingAborted as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 3
+    args.output_dir = Path(cfg.output_dir)
+    summary = train(cfg)
     final = {k: v for k, v in summary["metrics"].items() if k.startswith("eval/")}
     if final:
         print("final eval: " + ", ".join(f"{k[5:]}={v:.4g}" for k, v in final.items()))
+    first = summary["first_step_s"]
     print(
-        f"done: {summary['steps']} steps in {summary['wall_s']}s "
-        f"({summary['samples_per_s']} samples/s); final model in {summary['final_model']}"
+        f"done: {summary['steps']} steps; wall time {summary['wall_s']:.0f} s"
+        + (f" (first step done after {first:.0f} s)" if first is not None else "")
+        + f"; steady-state throughput {summary['samples_per_s']} samples/s; "
+        f"final model in {summary['final_model']}"
     )
     return 0
 
 
 def cmd_train(args) -> int:
     if is_pipeline_file(args.config):
-        from actors.coordinator import TrainingAborted
         from actors.pipeline import run_pipeline
 
         _pin_threads()
         pipeline = load_pipeline(args.config, args.overrides)
-        try:
-            summaries = run_pipeline(pipeline)
-        except TrainingAborted as err:
-            print(f"error: {err}", file=sys.stderr)
-            return 3
+        args.output_dir = pipeline.out
+        summaries = run_pipeline(pipeline)
         for name, summary in summaries.items():
             print(f"stage {name}: final model in {summary['final_model']}")
         return 0
-    return _run_training(load_config(args.config, args.overrides))
+    return _run_training(args, load_config(args.config, args.overrides))
 
 
 #: The quickstart's embedded config (package data): PPO (GRPO estimator) on SmolLM2-135M-Instruct
@@ -110,7 +110,7 @@ QUICKSTART = Path(__file__).with_name("quickstart.yaml")
 
 
 def cmd_quickstart(args) -> int:
-    return _run_training(load_config(QUICKSTART, args.overrides))
+    return _run_training(args, load_config(QUICKSTART, args.overrides))
 
 
 def cmd_prepare_assets(args) -> int:
@@ -126,6 +126,14 @@ def build_parser() -> argparse.ArgumentParser:
     from launch import submit
 
     parser = argparse.ArgumentParser(prog="rlhf", description="Distributed RLHF on Ray.")
+    parser.add_argument(
+        "--version", action="version", version=f"%(prog)s {_version()}", help="print the version"
+    )
+    parser.add_argument(
+        "--debug",
+        action="store_true",
+        help="print the traceback of an error (anywhere on the line; by default: one line)",
+    )
     sub = parser.add_subparsers(dest="command", required=True)
     for name, fn, helptext in (
         (
@@ -145,6 +153,10 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument(
             "overrides", nargs="*", help="key.sub=value overrides, or overlay .yaml files"
         )
+        if name == "check":
+            p.add_argument(
+                "--show-config", action="store_true", help="also print the resolved config"
+            )
         p.set_defaults(fn=fn)
     p = sub.add_parser(
         "quickstart", help="the main job on the embedded default config (CPU, offline)"
@@ -163,11 +175,85 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def continue_command(args) -> str:
+    """The user's own command line, with checkpoint.resume=auto instead of any resume or
+    overwrite override they gave."""
+    words = ["rlhf", args.command]
+    if getattr(args, "config", None) is not None:
+        words.append(str(args.config))
+    words += [
+        o
+        for o in getattr(args, "overrides", [])
+        if not o.startswith(("checkpoint.resume=", "checkpoint.overwrite="))
+    ]
+    return shlex.join([*words, "checkpoint.resume=auto"])
+
+
+def _last_checkpoint(args) -> str:
+    from rlhf.rundir import complete_checkpoints
+
+    out = getattr(args, "output_dir", None)
+    if out is None:
+        return "the run had not started"
+    # A pipeline's stages each have their own: the newest written is the last.
+    found = [c for root in Path(out).glob("**/checkpoints") for c in complete_checkpoints(root)]
+    if not found:
+        return f"no checkpoint was written in {out}"
+    return f"the last checkpoint is {max(found, key=lambda c: (c / 'COMPLETE').stat().st_mtime)}"
+
+
+def _unexpected(args, err: BaseException) -> int:
+    """One line for an error nobody anticipated; the traceback goes to a file."""
+    out = getattr(args, "output_dir", None)
+    where = Path(out) / "error.log" if out is not None and Path(out).is_dir() else None
+    if where is None:
+        handle, name = tempfile.mkstemp(prefix="rlhf-error-", suffix=".log")
+        os.close(handle)
+        where = Path(name)
+    where.write_text("".join(traceback.format_exception(err)))
+    first = str(err).strip().splitlines()[0] if str(err).strip() else ""
+    print(
+        f"error: {type(err).__name__}: {first} (the traceback is in {where}; --debug prints it)",
+        file=sys.stderr,
+    )
+    return 1
+
+
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("rlhf")
+    except PackageNotFoundError:
+        return "(not installed)"
+
+
 def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    args = build_parser().parse_args(argv)
+    argv = sys.argv[1:] if argv is None else list(argv)
+    debug = "--debug" in argv  # accepted anywhere on the line
+    args = build_parser().parse_args([a for a in argv if a != "--debug"])
+    args.debug = debug
     try:
         return args.fn(args)
+    except KeyboardInterrupt:
+        if args.debug:
+            raise
+        print(f"\ninterrupted; {_last_checkpoint(args)}.", file=sys.stderr)
+        if getattr(args, "output_dir", None) is not None:
+            print(f"Continue with: {continue_command(args)}", file=sys.stderr)
+        return 130
     except (ConfigError, DataError) as err:
+        if args.debug:
+            raise
         print(f"error: {err}", file=sys.stderr)
         return 2
+    except TrainingAborted as err:
+        if args.debug:
+            raise
+        print(f"error: {err}\nContinue with: {continue_command(args)}", file=sys.stderr)
+        return 3
+    except Exception as err:
+        if args.debug:
+            raise
+        return _unexpected(args, err)

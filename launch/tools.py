@@ -18,7 +18,11 @@ from rlhf.config import RunConfig, load_config
 
 
 def _model_override(cfg: RunConfig, path: str) -> RunConfig:
-    """cfg with the trained model swapped for a checkpoint (merged weights: no adapter)."""
+    """cfg with the trained model swapped for a checkpoint (merged weights: no adapter), which
+    must exist (one line naming --model when not)."""
+    from rlhf.models import check_model_source
+
+    check_model_source("--model", path)
     model = cfg.model.model_copy(update={"name_or_path": path, "lora": None, "quantization": None})
     return cfg.model_copy(update={"model": model})
 
@@ -233,9 +237,16 @@ def add_parsers(sub) -> None:
     p.add_argument("adapter", help="adapter folder (e.g. OUTPUT_DIR/final/adapter)")
     p.add_argument("out", help="folder for the merged model")
     p.add_argument("--base", help="base model (default: the one the adapter records)")
-    p.add_argument("--kind", choices=["causal", "reward", "classifier", "critic"], default=None)
+    p.add_argument(
+        "--kind",
+        choices=["causal", "reward", "classifier", "critic"],
+        default=None,
+        help="model kind (default: what the adapter records)",
+    )
     p.add_argument("--num-labels", type=int, default=None, help="classifier heads: label count")
-    p.add_argument("--trust-remote-code", action="store_true")
+    p.add_argument(
+        "--trust-remote-code", action="store_true", help="allow code shipped with the base model"
+    )
     p.set_defaults(fn=cmd_merge_lora)
 
     p = sub.add_parser(
@@ -248,9 +259,11 @@ def add_parsers(sub) -> None:
     p.add_argument("--limit", type=int, default=4, help="number of prompts (default 4)")
     p.add_argument("--reward", help="reward function 'module:function'")
     p.add_argument("--reward-model", help="reward model folder (sequence classifier)")
-    p.add_argument("--max-new-tokens", type=int, default=None)
+    p.add_argument(
+        "--max-new-tokens", type=int, default=None, help="default: roles.rollout.max_new_tokens"
+    )
     p.add_argument("--temperature", type=float, default=None, help="0 = greedy")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, help="sampling seed (default 0)")
     p.add_argument("--width", type=int, default=120, help="terminal width of the table")
     p.add_argument("--json", help="also write prompts, responses and rewards here")
     p.set_defaults(fn=cmd_generate)
@@ -260,6 +273,6 @@ def add_parsers(sub) -> None:
     p.add_argument("overrides", nargs="*", help="key.sub=value overrides")
     p.add_argument("--model", help="checkpoint to evaluate (default: the config's model)")
     p.add_argument("--limit", type=int, default=None, help="evaluate at most this many rows")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, help="sampling seed for ppo (default 0)")
     p.add_argument("--json", help="also write the metrics here")
     p.set_defaults(fn=cmd_eval)

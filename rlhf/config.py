@@ -437,7 +437,7 @@ class TrainConfig(_Section):
     epochs: int = Field(1, ge=1)
     """Passes over the training data (offline)."""
     max_steps: int | None = Field(None, gt=0)
-    """Stop after this many optimizer steps (overrides epochs when reached first)."""
+    """Optimizer steps to run; when set it wins over epochs (as in HF Trainer): the data is passed over as many times as the steps need."""
     global_batch_size: int = Field(8, gt=0)
     """Examples (pairs, prompts) per optimizer step, summed over ranks and accumulation."""
     micro_batch_size: int = Field(4, gt=0)
@@ -490,7 +490,9 @@ class LoggingConfig(_Section):
     tensorboard: bool = False
     """Also write TensorBoard event files."""
     progress: bool = True
-    """Live progress line on the terminal."""
+    """Live progress line on a terminal; a plain line every few steps when the output is not one (a log file, a Ray job)."""
+    verbose: bool = False
+    """Also show library chatter: Hugging Face's per-actor loading and writing bars."""
 
 
 class CheckpointConfig(_Section):
@@ -499,7 +501,13 @@ class CheckpointConfig(_Section):
     keep_last: int | None = Field(2, gt=0)
     """Keep only the newest N checkpoints; null = all."""
     resume: str = "never"
-    """never, auto (the latest under output_dir), or a checkpoint path."""
+    """never, auto (this output_dir's run, from its newest whole checkpoint), or a checkpoint path. A run refuses to start in an output_dir that holds another run unless resume=auto or overwrite=true."""
+    overwrite: bool = False
+    """Start over in an output_dir that holds a previous run: remove that run's outputs (checkpoints, metrics, final model...) first."""
+    allow_changes: list[str] = []
+    """Config keys (or sections) that may differ from the checkpoint's when resuming; others refuse the resume, except the keys that are always safe (logging, checkpoint, train.max_steps...)."""
+    verify: Literal["digest", "size"] = "digest"
+    """What a checkpoint's manifest records and resume checks: SHA-256 and size of every file, or the size only (faster for very large checkpoints)."""
     export: Literal["merged", "adapter"] = "merged"
     """Final model with LoRA: merged weights or the adapter alone."""
 
@@ -777,6 +785,18 @@ def _section_type(annotation) -> type[BaseModel] | None:
     return None
 
 
+def _schema_keys(model: type[BaseModel], prefix: str = "") -> list[str]:
+    """Every dotted key of the config schema under `model`."""
+    keys = []
+    for name, f in model.model_fields.items():
+        key = f"{prefix}{f.alias or name}"
+        keys.append(key)
+        sub = _section_type(f.annotation)
+        if sub is not None:
+            keys += _schema_keys(sub, key + ".")
+    return keys
+
+
 def _closest(given: str, valid: list[str]) -> list[str]:
     """The valid key most like `given`: by spelling, else one that is a prefix of the other."""
     close = difflib.get_close_matches(given, valid, n=1, cutoff=0.5)
@@ -794,9 +814,16 @@ def _describe(error: dict) -> str:
         valid = []
         if model is not None:
             valid = [f.alias or name for name, f in model.model_fields.items()]
-        close = _closest(str(loc[-1]), valid)
         prefix = ".".join(str(p) for p in loc[:-1])
-        hint = f" (did you mean {prefix + '.' if prefix else ''}{close[0]}?)" if close else ""
+        # The same name in another section first (a bare `lr` means train.lr), then spelling.
+        elsewhere = sorted(
+            (k for k in _schema_keys(RunConfig) if k.endswith("." + str(loc[-1]))),
+            key=lambda k: (k.count("."), not k.startswith("train."), k),
+        )
+        close = elsewhere[:1] or [
+            (prefix + "." if prefix else "") + c for c in _closest(str(loc[-1]), valid)
+        ]
+        hint = f" (did you mean {close[0]}?)" if close else ""
         return f"unknown key {key!r}{hint}"
     message = error["msg"]
     if message.startswith("Value error, "):
@@ -813,24 +840,38 @@ def _describe(error: dict) -> str:
 # --------------------------------------------------------------------------- dumping
 
 _SECRET_KEY = re.compile(
-    r"(^|[_-])(api_?key|key|token|secret|password|passwd|auth|authorization|credentials?)$", re.I
+    r"(^|[_-])(api_?key|key|token|secret|password|passwd|auth|authorization|credentials?|signature|sig)$",
+    re.I,
 )
 _URL_USERINFO = re.compile(
     r"(?P<scheme>[a-z][a-z0-9+.-]*://)(?P<user>[^:/@\s]+):(?P<pw>[^@/\s]+)@", re.I
 )
+#: A query parameter of a URL (?name=value or &name=value).
+_URL_PARAM = re.compile(r"(?P<lead>[?&;])(?P<name>[^=&#;\s]+)=(?P<value>[^&#;\s]*)")
 REDACTED = "**REDACTED**"
 
 
 def redact(obj: Any) -> Any:
     """A copy with secret-looking values replaced: keys named like tokens/keys/passwords
-    (but not `*_env`, which only names a variable) and passwords inside URLs."""
+    (but not `*_env`, which only names a variable), passwords inside URLs, and URL query
+    parameters named like secrets (?api_key=, &access_token=, &key=, &sig=...)."""
     if isinstance(obj, dict):
         return {k: (REDACTED if _is_secret(k, v) else redact(v)) for k, v in obj.items()}
     if isinstance(obj, list):
         return [redact(v) for v in obj]
     if isinstance(obj, str):
-        return _URL_USERINFO.sub(lambda m: f"{m['scheme']}{m['user']}:{REDACTED}@", obj)
+        return _redact_url(obj) if "://" in obj else obj
     return obj
+
+
+def _redact_url(text: str) -> str:
+    text = _URL_USERINFO.sub(lambda m: f"{m['scheme']}{m['user']}:{REDACTED}@", text)
+    return _URL_PARAM.sub(
+        lambda m: (
+            f"{m['lead']}{m['name']}={REDACTED}" if _is_secret(m["name"], m["value"]) else m[0]
+        ),
+        text,
+    )
 
 
 def _is_secret(key: Any, value: Any) -> bool:

@@ -11,17 +11,29 @@ from __future__ import annotations
 import importlib.util
 import json
 import logging
+import os
 from pathlib import Path
 from typing import Literal
 
 import torch
 
-from rlhf.assets import resolve_model_path
-from rlhf.config import LoraConfig, ModelConfig
+from rlhf.assets import BUILTIN_MODELS, resolve_model_path
+from rlhf.config import ConfigError, LoraConfig, ModelConfig
+from rlhf.logs import warn_once
 
 log = logging.getLogger(__name__)
+# bitsandbytes warns at import, in every process, that it could not download its CPU 4-bit
+# kernel (offline); plain LoRA runs never use it, and a 4-bit run says so once (load_model).
+logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
 
 ModelKind = Literal["causal", "reward", "classifier", "critic"]
+
+
+class ModelError(ConfigError):
+    """A model the config names cannot be loaded as asked; the message names the key and the
+    fix (raised before any actor starts, where it can be found then)."""
+
+
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
@@ -114,6 +126,7 @@ def load_model(
     quant = _quantization(cfg, dtype)
     if quant is not None:
         kwargs["quantization_config"] = quant
+        _say_if_4bit_kernel_missing(device)
     if kind == "causal":
         model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
     elif kind == "critic":
@@ -149,6 +162,22 @@ def load_model(
     if cfg.lora is not None:
         model = apply_lora(model, cfg.lora, kind)
     return model
+
+
+def _say_if_4bit_kernel_missing(device) -> None:
+    if torch.device(device).type != "cpu":
+        return
+    try:
+        from bitsandbytes.backends.cpu import ops
+    except ImportError:
+        return
+    if getattr(ops, "gemm_4bit_forward_kernel", True) is None:
+        warn_once(
+            log,
+            "bnb-cpu-4bit",
+            "4-bit matmuls on CPU take bitsandbytes' slower path: its kernel from "
+            "kernels-community could not be loaded (pip install kernels, with the hub reachable)",
+        )
 
 
 _TASK_TYPES = {
@@ -194,8 +223,19 @@ ADAPTER_INFO = "rlhf_adapter.json"
 
 
 def write_adapter_info(adapter_dir: str | Path, base: str, kind: str, num_labels: int) -> None:
-    info = {"base": base, "kind": kind, "num_labels": num_labels}
-    (Path(adapter_dir) / ADAPTER_INFO).write_text(json.dumps(info, indent=2))
+    """The base as the config names it (a hub id, a folder, builtin:NAME), in this file and
+    in peft's adapter_config.json, where peft put the folder it loaded (for a builtin, a path
+    into this machine's cache); that folder is kept apart, as base_path."""
+    adapter_dir = Path(adapter_dir)
+    info = {"base": base, "base_path": resolve_model_path(base), "kind": kind}
+    (adapter_dir / ADAPTER_INFO).write_text(
+        json.dumps({**info, "num_labels": num_labels}, indent=2)
+    )
+    peft_file = adapter_dir / "adapter_config.json"
+    if peft_file.exists():
+        peft_cfg = json.loads(peft_file.read_text())
+        peft_cfg["base_model_name_or_path"] = base
+        peft_file.write_text(json.dumps(peft_cfg, indent=2, sort_keys=True))
 
 
 def adapter_info(adapter: str | Path) -> dict:
@@ -261,3 +301,104 @@ def count_parameters(model) -> tuple[int, int]:
     """(trainable, total) parameter counts."""
     total = sum(p.numel() for p in model.parameters())
     return sum(p.numel() for p in model.parameters() if p.requires_grad), total
+
+
+# ----------------------------------------------------------------------------- checks
+
+
+def _hub_offline() -> bool:
+    return any(
+        os.environ.get(v, "").lower() in ("1", "true", "yes", "on")
+        for v in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE")
+    )
+
+
+def model_source_problem(name: str) -> str | None:
+    """Why `name` (a folder, a hub id or builtin:NAME) cannot be loaded here, or None. A hub
+    id is only checked while the hub is offline: then it must be in the local cache."""
+    builtins = ", ".join(f"builtin:{n}" for n in BUILTIN_MODELS)
+    if name.startswith("builtin:"):
+        if name[len("builtin:") :] in BUILTIN_MODELS:
+            return None
+        return f"{name!r} is not a builtin model (there are {builtins})"
+    if Path(name).expanduser().exists():
+        return None
+    if name.startswith(("/", ".", "~")) or name.count("/") > 1 or "\\" in name:
+        return f"{name}: no such directory (give a model folder, a hub id, or one of {builtins})"
+    if _hub_offline():
+        from huggingface_hub import try_to_load_from_cache
+
+        if not isinstance(try_to_load_from_cache(name, "config.json"), str):
+            return (
+                f"{name!r} is not a local folder, and not in the Hugging Face cache while the "
+                "hub is offline (HF_HUB_OFFLINE=1): give a local folder, or download it first "
+                f"(huggingface-cli download {name})"
+            )
+    return None
+
+
+def check_model_source(key: str, name: str) -> None:
+    problem = model_source_problem(name)
+    if problem is not None:
+        raise ModelError(f"{key}: {problem}")
+
+
+def module_names(cfg: ModelConfig, kind: ModelKind = "causal") -> dict[str, bool]:
+    """The module names of the model `cfg` names, each with whether it holds weights of its
+    own (a layer LoRA can adapt), from a skeleton on the meta device: no weights are read,
+    quick even for a 70B."""
+    from transformers import (
+        AutoConfig,
+        AutoModelForCausalLM,
+        AutoModelForSequenceClassification,
+        AutoModelForTokenClassification,
+    )
+
+    config = AutoConfig.from_pretrained(
+        resolve_model_path(cfg.name_or_path),
+        revision=cfg.revision,
+        trust_remote_code=cfg.trust_remote_code,
+    )
+    auto = {
+        "causal": AutoModelForCausalLM,
+        "critic": AutoModelForTokenClassification,
+    }.get(kind, AutoModelForSequenceClassification)
+    with torch.device("meta"):
+        model = auto.from_config(config, trust_remote_code=cfg.trust_remote_code)
+    return {
+        name: any(True for _ in module.parameters(recurse=False))
+        for name, module in model.named_modules()
+        if name
+    }
+
+
+def check_lora_targets(key: str, cfg: ModelConfig, kind: ModelKind = "causal") -> None:
+    """Every LoRA target and module to save is a module of the model (peft matches a name or
+    a dotted suffix), so a typo is one line here instead of an actor dying at start-up."""
+    lora = cfg.lora
+    if lora is None:
+        return
+    names = module_names(cfg, kind)
+    layers = sorted({n.rsplit(".", 1)[-1] for n, weighted in names.items() if weighted})
+    wanted = [] if lora.target_modules == "all-linear" else list(lora.target_modules)
+    for field, targets in (("target_modules", wanted), ("modules_to_save", lora.modules_to_save)):
+        for target in targets:
+            if not any(n == target or n.endswith("." + target) for n in names):
+                raise ModelError(
+                    f"{key}.lora.{field}: {target!r} is not a module of {cfg.name_or_path}; "
+                    f"its layers are named {', '.join(layers)}"
+                )
+
+
+def check_run_models(cfg, kind: ModelKind) -> None:
+    """Every model a run config names can be found here, and its LoRA targets exist in the
+    policy: checked in the driver before any actor starts (cfg is a RunConfig)."""
+    sources = {"model.name_or_path": cfg.model.name_or_path, "model.tokenizer": cfg.model.tokenizer}
+    for role in ("reference", "reward", "critic"):
+        model = getattr(cfg.roles, role).model
+        if model is not None:
+            sources[f"roles.{role}.model.name_or_path"] = model.name_or_path
+    for key, name in sources.items():
+        if name:
+            check_model_source(key, name)
+    check_lora_targets("model", cfg.model, kind)

@@ -38,7 +38,11 @@ def ray_local():
     import ray
 
     ray.init(
-        num_cpus=4, _node_ip_address="127.0.0.1", include_dashboard=False, configure_logging=False
+        address="local",  # its own, never a `ray start` cluster another test left running
+        num_cpus=4,
+        _node_ip_address="127.0.0.1",
+        include_dashboard=False,
+        configure_logging=False,
     )
     yield
     ray.shutdown()

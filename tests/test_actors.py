@@ -143,3 +143,31 @@ def test_precomputed_reference_logps_equal_on_the_fly(
         assert not torch.isnan(cache.table).any()
     finally:
         reference.shutdown()
+
+
+class _Exploding:
+    """An actor whose constructor raises, as a role's would on a bad model or file."""
+
+    def __init__(self, info, message: str):
+        raise ValueError(message)
+
+    def ping(self):
+        return "never"
+
+
+def test_an_actor_that_fails_to_start_reports_its_own_error(ray_local):
+    """Not "the actor died ... resume": the role and the actor's own error, one line, and it
+    is a set-up error (the CLI prints it as one and exits 2), not a resumable death."""
+    from actors.group import ActorDied, ActorGroup, ActorStartFailed
+    from rlhf.config import ConfigError, RoleResources
+
+    group = ActorGroup("critic", _Exploding, RoleResources(), "no such head: 'score'")
+    try:
+        with pytest.raises(ActorStartFailed) as caught:
+            group.gather(group.call(lambda a: a.ping.remote()))
+    finally:
+        group.shutdown()
+    assert (
+        str(caught.value) == "the critic actor failed to start: ValueError: no such head: 'score'"
+    )
+    assert isinstance(caught.value, ConfigError) and not isinstance(caught.value, ActorDied)

@@ -86,11 +86,14 @@ def test_bad_data_is_reported_with_file_and_row(tmp_path):
         "data.eval=null",
         "train.micro_batch_size=1",
         "train.global_batch_size=1",
-        f"output_dir={tmp_path}",
+        f"output_dir={tmp_path / 'out'}",
     )
     assert lenient.returncode == 0, lenient.stderr
-    assert "1 of 2 rows usable (preference), 1 quarantined" in lenient.stdout
-    assert (tmp_path / "quarantine" / "train.jsonl").exists()
+    assert "1 of 2 rows usable (preference), 1 quarantined -> " in lenient.stdout
+    # `rlhf check` writes nothing into output_dir: the bad rows go to a temporary folder.
+    listed = Path(lenient.stdout.split("1 quarantined -> ")[1].split()[0])
+    assert listed.exists() and "missing key 'rejected'" in listed.read_text()
+    assert not (tmp_path / "out").exists()
 
 
 @pytest.mark.slow

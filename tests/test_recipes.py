@@ -12,6 +12,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import yaml
 
 from rlhf.config import RunConfig, load_config
 from rlhf.pipeline import is_pipeline_file, load_pipeline
@@ -206,6 +207,23 @@ def test_twin_llama2_sft_then_dpo_and_resume(tmp_path):
     again = twin("llama2-7b-stack-exchange/pipeline.yaml", out)
     assert again.stdout.count("done earlier") == 2
     assert (out / "dpo" / "metrics.jsonl").stat().st_mtime == before
+    # A stage whose config changed since it finished starts over: it does not "resume" from
+    # its old final checkpoint (which would re-export the old model untouched).
+    old = (out / "dpo" / "final" / "model.safetensors").read_bytes()
+    changed = run_cli(
+        "train",
+        "configs/recipes/llama2-7b-stack-exchange/pipeline.yaml",
+        f"configs/recipes/{TWINS['llama2-7b-stack-exchange/pipeline.yaml']}",
+        f"output_dir={out}",
+        "stages.dpo.dpo.beta=0.2",
+    )
+    assert changed.stdout.count("done earlier") == 1, changed.stdout[-3000:]
+    assert "== stage dpo: starting over, its config or inputs changed since it finished" in (
+        changed.stdout
+    )
+    assert "resumed from" not in changed.stdout
+    assert yaml.safe_load((out / "dpo" / "config.yaml").read_text())["dpo"]["beta"] == 0.2
+    assert (out / "dpo" / "final" / "model.safetensors").read_bytes() != old
 
 
 @pytest.mark.slow

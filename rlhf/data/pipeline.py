@@ -7,6 +7,7 @@ the counts are reported and a dataset with too many bad rows refuses to start.
 from __future__ import annotations
 
 import logging
+from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -48,6 +49,11 @@ class TokenizedDataset:
             text += f", {self.quarantine.count} quarantined" + (
                 f" -> {self.quarantine_file}" if self.quarantine_file else ""
             )
+        cut = {k.split("/", 1)[1]: v for k, v in self.stats.items() if k.startswith("truncated/")}
+        if cut:
+            text += ", truncated to fit data.max_length: " + ", ".join(
+                f"{n} {field}" for field, n in sorted(cut.items())
+            )
         return text
 
 
@@ -84,7 +90,7 @@ def load_split(
     t = Tokenizer(tokenizer, settings)
     featurize = FEATURIZERS[fmt]
     quarantine = Quarantine(source.path, quarantine_path, strict=data.strict)
-    features, rows_read = [], 0
+    features, rows_read, stats = [], 0, Counter()
     split = hub_split(source.preset, fmt, source.split)
     for number, raw in read_rows(source.path, split, source.name, source.data_dir):
         if source.limit is not None and rows_read >= source.limit:
@@ -98,14 +104,15 @@ def load_split(
                 typed = PromptRow(({"role": "user", "content": typed.prompt},))
             if _uses_chat(typed):
                 require_chat_template(tokenizer, where(source.path, number, None))
+            t.truncated.clear()
             features.append(featurize(t, typed, len(features)))
+            stats.update(f"truncated/{f}" for f in t.truncated)
         except RowError as err:
             quarantine.add(number, err, None if isinstance(raw, RowError) else raw)
     dataset = TokenizedDataset(
-        source.path, fmt, features, rows_read, quarantine, quarantine.write()
+        source.path, fmt, features, rows_read, quarantine, quarantine.write(), dict(stats)
     )
     _check_health(dataset, data.max_bad_fraction)
-    log.info(dataset.summary())
     return dataset
 
 

@@ -136,6 +136,8 @@ class Tokenizer:
 
     def __init__(self, tokenizer, settings: TokenizeSettings):
         self.tok, self.settings = tokenizer, settings
+        #: Fields of the current row cut to fit (the pipeline counts them per usable row).
+        self.truncated: set[str] = set()
         self.bos = tokenizer.bos_token_id if _adds_bos(tokenizer) else None
         self.eos = tokenizer.eos_token_id
         if self.eos is None:
@@ -165,6 +167,7 @@ class Tokenizer:
             raise RowError(
                 "prompt", f"prompt has {len(ids)} tokens, more than data.max_prompt_length={limit}"
             )
+        self.truncated.add("prompt")
         if mode == "keep_start":
             return ids[:limit]
         keep_bos = self.bos is not None and ids[0] == self.bos
@@ -177,6 +180,8 @@ class Tokenizer:
                 field,
                 f"the prompt's {len(prompt_ids)} tokens leave no room for a response under data.max_length={self.settings.max_length}",
             )
+        if len(ids) > room:
+            self.truncated.add(field)
         return ids[:room]
 
 
@@ -224,6 +229,8 @@ def sft_features(t: Tokenizer, row: SFTRow, index: int) -> SFTFeatures:
         mask = [False] * len(prompt_ids) + [True] * len(completion)
     if not t.settings.completion_only_loss:
         mask = [True] * len(ids)
+    if len(ids) > t.settings.max_length:
+        t.truncated.add("completion" if row.messages is None else "messages")
     ids, mask = ids[: t.settings.max_length], mask[: t.settings.max_length]
     if not any(mask[1:]):
         raise RowError(
@@ -249,9 +256,13 @@ def classification_features(
     t: Tokenizer, row: ClassificationRow, index: int
 ) -> ClassificationFeatures:
     # Classifiers (BERT-style reward models) need their own special tokens ([CLS] ... [SEP]).
-    ids = t.tok(
-        row.text, add_special_tokens=True, truncation=True, max_length=t.settings.max_length
-    )["input_ids"]
+    full = t.tok(row.text, add_special_tokens=True)["input_ids"]
+    ids = full
+    if len(full) > t.settings.max_length:
+        t.truncated.add("text")
+        ids = t.tok(
+            row.text, add_special_tokens=True, truncation=True, max_length=t.settings.max_length
+        )["input_ids"]
     return ClassificationFeatures(index, ids, row.label)
 
 
