@@ -13,6 +13,7 @@ import datetime
 import platform
 import re
 import sys
+import sysconfig
 from importlib import metadata
 from pathlib import Path
 
@@ -24,10 +25,13 @@ def canonical(name: str) -> str:
 
 
 def installed() -> dict[str, str]:
-    """name -> version of every distribution in this environment but the project. Local
-    labels are dropped (torch 2.13.0+cpu is locked as 2.13.0, which pip matches to it)."""
+    """name -> version of every distribution installed in this environment's site-packages
+    but the project (not whatever else is on sys.path: Ray, once imported, adds its bundled
+    third-party folder). Local labels are dropped (torch 2.13.0+cpu is locked as 2.13.0,
+    which pip matches to it)."""
+    paths = sorted({sysconfig.get_paths()["purelib"], sysconfig.get_paths()["platlib"]})
     out = {}
-    for dist in metadata.distributions():
+    for dist in metadata.distributions(path=paths):
         name = canonical(dist.metadata["Name"] or "")
         if name and name != PROJECT:
             out[name] = dist.version.split("+")[0]
