@@ -33,6 +33,7 @@ from rlhf.models import check_run_models, load_tokenizer
 from rlhf.objectives import RefLogps, model_kind
 from rlhf.placement import active_roles, role_resources
 from rlhf.rundir import (
+    COMPLETE,
     Claim,
     TrainingAborted,
     claim_output_dir,
@@ -500,7 +501,7 @@ def write_checkpoint(
     except BaseException as err:  # Ctrl-C and a dead actor too: no partial folder stays
         full = isinstance(err, Exception) and not isinstance(err, ActorDied)
         full = full and is_disk_full(err, path)
-        if not (path / "COMPLETE").exists():  # sealed already (pruning was cut): keep it
+        if not (path / COMPLETE).exists():  # sealed already (pruning was cut): keep it
             shutil.rmtree(path, ignore_errors=True)
         if not full:
             raise

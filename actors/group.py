@@ -18,7 +18,8 @@ import ray
 from ray.util.placement_group import placement_group, remove_placement_group
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
-from actors.base import RankInfo, free_port
+from actors.base import RankInfo
+from actors.net import free_port
 from rlhf.config import ConfigError, RoleResources, RunConfig
 from rlhf.placement import PlacementPlan, nodes_from_ray, plan_placement
 

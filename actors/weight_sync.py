@@ -19,7 +19,7 @@ from collections.abc import Iterator
 
 import torch
 
-from actors.base import tcp_store
+from actors.net import tcp_store
 
 TIMEOUT = datetime.timedelta(seconds=600)
 WeightSpec = tuple[str, list[int], str]  # name, shape, dtype name

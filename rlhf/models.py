@@ -244,7 +244,10 @@ def adapter_info(adapter: str | Path) -> dict:
     the shape of a saved classifier head."""
     path = Path(adapter)
     if not (path / "adapter_config.json").exists():
-        raise FileNotFoundError(f"{path} is not a LoRA adapter folder (no adapter_config.json)")
+        raise ModelError(
+            f"{path} is not a LoRA adapter folder (no adapter_config.json): give the adapter "
+            "an export wrote (OUTPUT_DIR/final/adapter with checkpoint.export=adapter)"
+        )
     if (path / ADAPTER_INFO).exists():
         return json.loads((path / ADAPTER_INFO).read_text())
     peft_cfg = json.loads((path / "adapter_config.json").read_text())
@@ -280,7 +283,7 @@ def merge_lora(
     info = adapter_info(adapter)
     base = base or info["base"]
     if not base:
-        raise ValueError(f"{adapter}: the adapter does not name its base model; pass --base")
+        raise ModelError(f"{adapter}: the adapter does not name its base model; pass --base")
     kind = kind or info["kind"]
     base_cfg = ModelConfig(name_or_path=base, trust_remote_code=trust_remote_code, dtype="float32")
     model = load_model(base_cfg, kind, num_labels=num_labels or info["num_labels"], trainable=False)

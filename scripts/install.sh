@@ -30,6 +30,7 @@ python3 -m venv "$VENV"
 PIP=("$VENV/bin/python" -m pip --disable-pip-version-check)
 PINS=()
 if [[ $LATEST == 0 ]]; then
+  [[ -f "$LOCK" ]] || { echo "scripts/install.sh: no $LOCK: make it with make test-latest lock (test-vllm-latest lock-vllm), or install with --latest" >&2; exit 2; }
   # A GPU machine takes its own torch build; everything else stays at the locked version.
   grep -v '^torch==' "$LOCK" > "$VENV/constraints.txt"
   [[ "$TORCH_SPEC" == "torch==2.13.0" ]] && grep '^torch==' "$LOCK" >> "$VENV/constraints.txt"

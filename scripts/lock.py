@@ -65,6 +65,9 @@ def write(lock: Path, made_by: str) -> None:
 
 
 def diff(lock: Path, strict: bool) -> int:
+    if not lock.exists():
+        print(f"{lock}: no lock yet (make test-latest lock, or test-vllm-latest lock-vllm)")
+        return 1 if strict else 0
     pins, have = read(lock), installed()
     changed = {k: (v, have[k]) for k, v in pins.items() if k in have and have[k] != v}
     for name, (want, got) in sorted(changed.items()):

@@ -445,7 +445,8 @@ def test_start_refuses_a_plan_that_cannot_fit_before_any_actor(fake_gpu_cluster)
 def test_vllm_engine_sleeps_between_rollouts(tiny_path, tiny_tokenizer, tmp_path):
     import torch
 
-    from actors.base import RankInfo, free_port
+    from actors.base import RankInfo
+    from actors.net import free_port
     from actors.rollout import RolloutGenerator
     from rlhf.data import load_datasets, make_collator
 

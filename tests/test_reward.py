@@ -99,7 +99,7 @@ def test_http_timeout_and_failures_are_clear(server, monkeypatch):
 
 
 def test_http_unreachable_endpoint():
-    from actors.base import free_port
+    from actors.net import free_port
 
     scorer = HTTPScorer(
         RewardConfig(type="http", url=f"http://127.0.0.1:{free_port()}/x", retries=1, timeout_s=1)

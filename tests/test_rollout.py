@@ -132,7 +132,7 @@ def test_weight_buckets_layout_and_a_real_gloo_transfer():
     dtypes, the direct tensor in place when the receiver offers a matching one."""
     import threading
 
-    from actors.base import free_port
+    from actors.net import free_port
     from actors.weight_sync import (
         ALIGN,
         BucketSender,

@@ -26,7 +26,7 @@ from pathlib import Path
 import psutil
 import pytest
 
-from actors.base import free_port
+from actors.net import free_port
 
 pytestmark = pytest.mark.slow
 

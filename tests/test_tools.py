@@ -68,9 +68,15 @@ def test_merge_lora_matches_the_adapter_model(tiny_path, tmp_path, keep_info, ca
         assert not torch.allclose(plain.eval()(input_ids=ids).logits, want, atol=1e-3)
 
 
-def test_merge_lora_refuses_a_non_adapter(tmp_path, tiny_path):
-    with pytest.raises(FileNotFoundError, match="not a LoRA adapter folder"):
-        main(["merge-lora", str(tiny_path), str(tmp_path / "x")])
+def test_merge_lora_refuses_a_non_adapter(tmp_path, tiny_path, capsys):
+    """One line naming the folder and what to give instead; exit 2, nothing written."""
+    assert main(["merge-lora", str(tiny_path), str(tmp_path / "x")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == (
+        f"error: {tiny_path} is not a LoRA adapter folder (no adapter_config.json): give the "
+        "adapter an export wrote (OUTPUT_DIR/final/adapter with checkpoint.export=adapter)"
+    )
+    assert not (tmp_path / "x").exists()
 
 
 def test_eval_reward_model_accuracy(tiny_path, tmp_path, capsys):

@@ -263,7 +263,12 @@ def test_qlora_simpo_exports_the_adapter(tmp_path):
     assert (adapter / "adapter_model.safetensors").exists() and (
         adapter / "adapter_config.json"
     ).exists()
-    assert json.loads((adapter / "rlhf_adapter.json").read_text())["kind"] == "causal"
+    info = json.loads((adapter / "rlhf_adapter.json").read_text())
+    assert info["kind"] == "causal"
+    # The base as the config names it, not a path into this machine's cache (kept apart).
+    peft_cfg = json.loads((adapter / "adapter_config.json").read_text())
+    assert info["base"] == peft_cfg["base_model_name_or_path"] == "builtin:tiny"
+    assert Path(info["base_path"]).is_dir()
     summary = json.loads((out / "summary.json").read_text())
     assert "reference" not in summary["peak_rss_mb"], "SimPO starts no reference actor"
     assert all(math.isfinite(r["loss"]) for r in metrics(out))
