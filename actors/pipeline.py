@@ -13,7 +13,7 @@ from actors.coordinator import train
 from rlhf.config import RunConfig
 from rlhf.models import merge_lora
 from rlhf.pipeline import DONE_MARKER, Pipeline, Stage
-from rlhf.rundir import newest_valid_checkpoint, resume_conflicts
+from rlhf.rundir import complete_checkpoints, resume_conflicts
 
 
 def stage_config(stage: Stage, upstream_rerun: bool) -> RunConfig:
@@ -22,7 +22,9 @@ def stage_config(stage: Stage, upstream_rerun: bool) -> RunConfig:
     earlier, an input stage ran again, or its config changed since it was interrupted."""
     cfg = stage.config
     assert cfg is not None
-    checkpoint, _ = newest_valid_checkpoint(stage.out / "checkpoints")
+    # The newest sealed one's config (resume itself verifies its files, once).
+    found = complete_checkpoints(stage.out / "checkpoints")
+    checkpoint = found[-1] if found else None
     why = ""
     if (stage.out / DONE_MARKER).exists():
         why = "its config or inputs changed since it finished"

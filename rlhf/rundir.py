@@ -262,17 +262,21 @@ def _changes_since(checkpoint: Path, cfg: RunConfig) -> dict[str, tuple[object, 
     return config_changes(yaml.safe_load(saved_file.read_text()) or {}, cfg)
 
 
+def _unsafe(changes: dict, cfg: RunConfig) -> dict[str, tuple[object, object]]:
+    return {k: v for k, v in changes.items() if not _is_safe(k, cfg.checkpoint.allow_changes)}
+
+
 def resume_conflicts(checkpoint: Path, cfg: RunConfig) -> dict[str, tuple[object, object]]:
     """The changes from the checkpoint's config that resuming cannot take: keys that are not
     safe to change and not listed in checkpoint.allow_changes."""
-    changes = _changes_since(checkpoint, cfg)
-    return {k: v for k, v in changes.items() if not _is_safe(k, cfg.checkpoint.allow_changes)}
+    return _unsafe(_changes_since(checkpoint, cfg), cfg)
 
 
 def _check_config(checkpoint: Path, cfg: RunConfig, notes: list[str]) -> None:
     """Refuse to resume from a checkpoint written with another config (but keys that are safe
     to change, or listed in checkpoint.allow_changes, which are reported)."""
-    unsafe = resume_conflicts(checkpoint, cfg)
+    changes = _changes_since(checkpoint, cfg)
+    unsafe = _unsafe(changes, cfg)
     if unsafe:
         raise OutputDirError(
             f"checkpoint {checkpoint} was written with another config ({_shown(unsafe)}): "
@@ -280,7 +284,6 @@ def _check_config(checkpoint: Path, cfg: RunConfig, notes: list[str]) -> None:
             "checkpoint.overwrite=true, use another output_dir, or accept the change with "
             f"checkpoint.allow_changes=[{','.join(unsafe)}]"
         )
-    changes = _changes_since(checkpoint, cfg)
     relevant = {k: v for k, v in changes.items() if not k.startswith("checkpoint.")}
     if relevant:
         notes.append(f"resuming with changed settings: {_shown(relevant)}")
