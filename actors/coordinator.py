@@ -143,15 +143,21 @@ class StepPlan:
         """max_steps when set (it wins over epochs, as in HF Trainer), else epochs' worth."""
         return self.max_steps if self.max_steps else self.steps_per_epoch * self.epochs
 
-    def extra_epochs_note(self) -> str | None:
-        """A line for the log when max_steps takes more passes over the data than epochs say."""
-        if not self.max_steps or self.max_steps <= self.steps_per_epoch * self.epochs:
-            return None
-        return (
-            f"train.max_steps={self.max_steps} wins over train.epochs={self.epochs}: "
-            f"{self.max_steps / self.steps_per_epoch:.2f} passes over the data "
-            f"({self.steps_per_epoch} steps each)"
-        )
+    def announce(self, rows: str) -> None:
+        """Refuse data that makes no full step (`rows`: what the examples are called), and say
+        when max_steps takes more passes over the data than epochs say."""
+        if self.steps_per_epoch == 0:
+            raise DataError(
+                f"{self.n_examples} {rows} make no full global batch of {self.global_batch} "
+                "(train.global_batch_size): lower it or add data"
+            )
+        if self.max_steps and self.max_steps > self.steps_per_epoch * self.epochs:
+            print(
+                f"train.max_steps={self.max_steps} wins over train.epochs={self.epochs}: "
+                f"{self.max_steps / self.steps_per_epoch:.2f} passes over the data "
+                f"({self.steps_per_epoch} steps each)",
+                flush=True,
+            )
 
     def order(self, epoch: int) -> list[int]:
         g = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
@@ -248,13 +254,7 @@ class OfflineRun:
             t.max_steps,
             cfg.data.seed,
         )
-        if self.plan.steps_per_epoch == 0:
-            raise DataError(
-                f"{len(self.train_set)} training examples make no full global batch of {t.global_batch_size}: "
-                "lower train.global_batch_size or add data"
-            )
-        if self.plan.extra_epochs_note():
-            print(self.plan.extra_epochs_note(), flush=True)
+        self.plan.announce("training examples")
         self.policy: PolicyGroup | None = None
         self.reference: ReferenceGroup | None = None
         self.ref_cache: ReferenceCache | None = None
@@ -357,6 +357,7 @@ class OfflineRun:
         logger = MetricsLogger(cfg, plan.total_steps, start)
         samples, last = 0, {}
         self.step_times: list[float] = []
+        self.first_step_done: float | None = None  # perf_counter at the end of the first step
         try:
             self._upcoming = None
             if start < plan.total_steps:
@@ -372,7 +373,7 @@ class OfflineRun:
                     queued = self._launch(step + 1)
                 results = self.policy.gather(current)  # type: ignore[union-attr]
                 now = time.perf_counter()
-                self.first_step_done = getattr(self, "first_step_done", None) or now
+                self.first_step_done = self.first_step_done or now
                 self.step_times.append(now - tick)
                 tick = now
                 samples += plan.global_batch
@@ -570,7 +571,7 @@ def train(cfg: RunConfig) -> dict:
             ) from err
         finally:
             run.shutdown()
-    first = getattr(run, "first_step_done", None)
+    first = run.first_step_done
     summary = {
         "steps": run.plan.total_steps,
         "restarts": restarts,

@@ -41,7 +41,6 @@ from actors.rollout import Rollout, RolloutGenerator, merge_rollouts, rank_slice
 from rlhf.advantages import RunningMeanStd
 from rlhf.config import RunConfig, dump_config
 from rlhf.data import load_datasets, make_collator
-from rlhf.data.quarantine import DataError
 from rlhf.experience import compute_advantages
 from rlhf.kl import make_kl_controller
 from rlhf.models import load_tokenizer
@@ -171,13 +170,7 @@ class OnlineRun:
             t.max_steps,
             cfg.data.seed,
         )
-        if self.plan.steps_per_epoch == 0:
-            raise DataError(
-                f"{len(self.prompts)} prompts make no full step of train.global_batch_size="
-                f"{t.global_batch_size}: lower it or add prompts"
-            )
-        if self.plan.extra_epochs_note():
-            print(self.plan.extra_epochs_note(), flush=True)
+        self.plan.announce("prompts")
         self.updates = self.plan.total_steps * cfg.ppo.ppo_epochs * cfg.ppo.num_mini_batches
         self.kl = make_kl_controller(cfg.ppo.kl_coef, cfg.ppo.kl_target, cfg.ppo.kl_horizon)
         self.normalizer = RunningMeanStd() if cfg.roles.reward.normalize else None
@@ -470,6 +463,7 @@ class OnlineRun:
                 logger.log(0, before, 0)
         metrics: dict[str, float] = {}
         self.step_times: list[float] = []
+        self.first_step_done: float | None = None  # perf_counter at the end of the first step
         every = cfg.checkpoint.every_steps
         t0 = time.perf_counter()
         pending = self.start_rollout(first) if first < plan.total_steps else None
@@ -513,7 +507,7 @@ class OnlineRun:
                     }
                 )
                 self.step_times.append(t4 - t0)
-                self.first_step_done = getattr(self, "first_step_done", None) or t4
+                self.first_step_done = self.first_step_done or t4
                 if evaluates:
                     metrics.update(self.evaluate())
                 # samples/s counts responses, as the summary's throughput does

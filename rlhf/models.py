@@ -310,6 +310,8 @@ def count_parameters(model) -> tuple[int, int]:
 
 
 def _hub_offline() -> bool:
+    # Read at call time: huggingface_hub.is_offline_mode() returns a constant fixed at its
+    # import, and knows nothing of transformers' TRANSFORMERS_OFFLINE.
     return any(
         os.environ.get(v, "").lower() in ("1", "true", "yes", "on")
         for v in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE")
