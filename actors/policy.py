@@ -38,6 +38,7 @@ from rlhf.objectives import (
     token_values,
 )
 from rlhf.optim import make_scheduler
+from rlhf.precision import Precision, model_width, resolve_precision
 
 log = logging.getLogger(__name__)
 
@@ -102,11 +103,11 @@ def make_optimizer(params, train: TrainConfig) -> torch.optim.Optimizer:
     return _skippable(cls)(params, **kwargs)
 
 
-def deepspeed_config(cfg: RunConfig, world_size: int, on_gpu: bool) -> dict:
+def deepspeed_config(cfg: RunConfig, world_size: int, precision: Precision) -> dict:
+    """The engine's config. DeepSpeed's bf16/fp16 modes on GPU only: on CPU a mixed-precision
+    run computes under autocast over fp32 weights (rlhf.precision)."""
     t = cfg.train
-    precision = t.precision
-    if precision == "auto":
-        precision = "bf16" if on_gpu and torch.cuda.is_bf16_supported() else "fp32"
+    on_gpu = precision.device_type != "cpu"
     zero: dict = {"stage": t.zero_stage}
     if t.offload_optimizer:
         zero["offload_optimizer"] = {"device": "cpu", "pin_memory": on_gpu}
@@ -118,8 +119,8 @@ def deepspeed_config(cfg: RunConfig, world_size: int, on_gpu: bool) -> dict:
         "gradient_accumulation_steps": cfg.rows_per_update // (t.micro_batch_size * world_size),
         "gradient_clipping": t.max_grad_norm or 0.0,
         "zero_optimization": zero,
-        "bf16": {"enabled": precision == "bf16"},
-        "fp16": {"enabled": precision == "fp16"},
+        "bf16": {"enabled": precision.deepspeed == "bf16"},
+        "fp16": {"enabled": precision.deepspeed == "fp16"},
         "zero_allow_untested_optimizer": True,
         "steps_per_print": 10**9,
         "wall_clock_breakdown": False,
@@ -159,7 +160,8 @@ class DeepSpeedTrainer(Worker):
         model_cfg = model_cfg or cfg.model
         self.model_cfg = model_cfg
         self.tokenizer = load_tokenizer(cfg.model)
-        # Trainers load fp32 weights; DeepSpeed casts to bf16/fp16 and keeps fp32 masters.
+        # Trainers load fp32 weights: the masters. DeepSpeed (GPU) casts the module to
+        # bf16/fp16; on CPU autocast computes in bf16 from them.
         if not model_cfg.quantization:
             model_cfg = model_cfg.model_copy(update={"dtype": "float32"})
         model = load_model(
@@ -169,6 +171,10 @@ class DeepSpeedTrainer(Worker):
             device=self.device,
             pad_token_id=self.tokenizer.pad_token_id,
         )
+        width = model_width(model.config)
+        self.precision = resolve_precision(cfg.train.precision, self.device, width)
+        if info.rank == 0:
+            print(f"{self.role}: {self.precision}", flush=True)
         train_cfg = cfg.train if lr is None else cfg.train.model_copy(update={"lr": lr})
         params = [p for p in model.parameters() if p.requires_grad]
         optimizer = make_optimizer(params, train_cfg)
@@ -177,12 +183,10 @@ class DeepSpeedTrainer(Worker):
             model=model,
             optimizer=optimizer,
             lr_scheduler=scheduler,
-            config=deepspeed_config(cfg, info.world_size, self.device != "cpu"),
+            config=deepspeed_config(cfg, info.world_size, self.precision),
         )
         self._inner_optimizer = optimizer
-        ds_cfg = deepspeed_config(cfg, info.world_size, self.device != "cpu")
-        fp32 = not (ds_cfg["bf16"]["enabled"] or ds_cfg["fp16"]["enabled"])
-        if info.world_size == 1 and cfg.train.zero_stage == 0 and fp32:
+        if info.world_size == 1 and cfg.train.zero_stage == 0 and not self.precision.deepspeed:
             # One rank: the gradient all-reduce is an identity, but DeepSpeed still flattens
             # every gradient, reduces over a 1-process group and copies back (~20% of a
             # SmolLM2 step on CPU).
@@ -191,6 +195,9 @@ class DeepSpeedTrainer(Worker):
         self._nan_steps = {
             int(s) for s in os.environ.get(FAULT_NAN_STEPS, "").split(",") if s.strip()
         }
+
+    def perf_module(self):
+        return self.engine.module, self.precision.dtype
 
     # ------------------------------------------------------------------ steps
 
@@ -213,7 +220,8 @@ class DeepSpeedTrainer(Worker):
         for i, (batch, ref) in enumerate(zip(micro_batches, refs, strict=True)):
             batch = batch.to(self.device)
             ref = _ref_to(ref, self.device)
-            loss, metrics = objective(self.engine, batch, ref, self.cfg)
+            with self.precision.compute():
+                loss, metrics = objective(self.engine, batch, ref, self.cfg)
             if inject:
                 loss = loss * float("nan")
             if not torch.isfinite(loss):
@@ -241,7 +249,8 @@ class DeepSpeedTrainer(Worker):
             (batch.to(self.device), _ref_to(ref, self.device))
             for batch, ref in zip(micro_batches, refs, strict=True)
         )
-        return metric_sums(objective_for(self.cfg, self.role), self.engine, pairs, self.cfg)
+        with self.precision.compute():
+            return metric_sums(objective_for(self.cfg, self.role), self.engine, pairs, self.cfg)
 
     @torch.no_grad()
     def forward(
@@ -258,10 +267,11 @@ class DeepSpeedTrainer(Worker):
             def fn(model, ids, mask):
                 return token_logps(model, ids, mask, start)
 
-        return [
-            fn(self.engine, ids.to(self.device), mask.to(self.device)).float().cpu()
-            for ids, mask in sequences
-        ]
+        with self.precision.compute():
+            return [
+                fn(self.engine, ids.to(self.device), mask.to(self.device)).float().cpu()
+                for ids, mask in sequences
+            ]
 
     # ------------------------------------------------------------------ state
 

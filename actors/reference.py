@@ -17,7 +17,12 @@ class ReferenceModel(Worker):
         # The policy's initial weights: the base model without the policy's adapter (a fresh
         # LoRA adapter is zero, so base == initial policy); its own model when configured.
         model_cfg = (cfg.roles.reference.model or cfg.model).model_copy(update={"lora": None})
-        self.model = load_model(model_cfg, "causal", trainable=False, device=self.device)
+        self.model = load_model(
+            model_cfg, "causal", trainable=False, device=self.device, precision=cfg.train.precision
+        )
+
+    def perf_module(self):
+        return self.model, self.model.dtype
 
     @torch.no_grad()
     def token_logps(

@@ -107,7 +107,12 @@ class ModelScorer:
     classes: log-odds of the last class (the "positive" label) against the first."""
 
     def __init__(
-        self, model_cfg: ModelConfig, device: str, max_length: int = 512, batch_size: int = 16
+        self,
+        model_cfg: ModelConfig,
+        device: str,
+        max_length: int = 512,
+        batch_size: int = 16,
+        precision: str | None = None,
     ):
         from rlhf.models import load_model, load_tokenizer
 
@@ -119,6 +124,7 @@ class ModelScorer:
             device=device,
             trainable=False,
             pad_token_id=self.tokenizer.pad_token_id,
+            precision=precision,
         )
         self.device, self.max_length, self.batch_size = device, max_length, batch_size
         self.source = f"reward model {model_cfg.name_or_path}"
@@ -158,7 +164,9 @@ def make_scorer(cfg: RunConfig, device: str = "cpu"):
     if rc.type == "http":
         return HTTPScorer(rc)
     if rc.type == "model":
-        return ModelScorer(rc.model, device, cfg.data.max_length)  # type: ignore[arg-type]
+        return ModelScorer(  # type: ignore[arg-type]
+            rc.model, device, cfg.data.max_length, precision=cfg.train.precision
+        )
     raise RewardError("roles.reward.type=none: this run has no reward source")
 
 
@@ -169,3 +177,7 @@ class RewardModel(Worker):
 
     def score(self, prompts: list[str], responses: list[str]) -> torch.Tensor:
         return self.scorer(prompts, responses)
+
+    def perf_module(self):
+        model = getattr(self.scorer, "model", None)
+        return (model, model.dtype) if model is not None else (None, None)

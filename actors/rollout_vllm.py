@@ -40,10 +40,11 @@ class VLLMBackend:
         if self.sleeps:
             kwargs["enable_sleep_mode"] = True
         self.asleep: set[str] = set()  # memory tags released by sleep ("weights", "kv_cache")
+        self.dtype = resolve_dtype(cfg.model.dtype, device)
         self.llm = LLM(
             model=path,
             tokenizer=path,
-            dtype=str(resolve_dtype(cfg.model.dtype, device)).replace("torch.", ""),
+            dtype=str(self.dtype).replace("torch.", ""),
             tensor_parallel_size=r.tensor_parallel_size,
             seed=cfg.train.seed,
             max_model_len=cfg.data.max_length + r.max_new_tokens,

@@ -20,6 +20,7 @@ import torch
 from rlhf.assets import BUILTIN_MODELS, resolve_model_path
 from rlhf.config import ConfigError, LoraConfig, ModelConfig
 from rlhf.logs import warn_once
+from rlhf.precision import model_width, resolve_precision
 
 log = logging.getLogger(__name__)
 # bitsandbytes warns at import, in every process, that it could not download its CPU 4-bit
@@ -37,13 +38,20 @@ class ModelError(ConfigError):
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
-def resolve_dtype(name: str, device: str | torch.device = "cpu") -> torch.dtype:
-    """auto = bf16 on GPUs that support it, fp16 on other GPUs, fp32 on CPU."""
+def resolve_dtype(
+    name: str,
+    device: str | torch.device = "cpu",
+    precision: str | None = None,
+    width: int | None = None,
+) -> torch.dtype:
+    """auto = bf16 on GPUs that support it, fp16 on other GPUs; on CPU fp32, or with the run's
+    `precision` (train.precision: the weights of a frozen role) its compute dtype there for a
+    model `width` wide: bf16 under auto on a CPU with native bf16 (rlhf.precision)."""
     if name != "auto":
         return _DTYPES[name]
     if torch.device(device).type == "cuda" and torch.cuda.is_available():
         return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-    return torch.float32
+    return resolve_precision(precision, device, width).dtype if precision else torch.float32
 
 
 def resolve_attn(name: str, device: str | torch.device = "cpu") -> str:
@@ -106,8 +114,10 @@ def load_model(
     device: str | torch.device = "cpu",
     trainable: bool = True,
     pad_token_id: int | None = None,
+    precision: str | None = None,
 ):
-    """Load a model of `kind` per `cfg`; wraps it with LoRA/QLoRA when configured and trainable."""
+    """Load a model of `kind` per `cfg`; wraps it with LoRA/QLoRA when configured and trainable.
+    `precision` (train.precision) decides the weights' dtype under model.dtype=auto on a CPU."""
     from transformers import (
         AutoConfig,
         AutoModelForCausalLM,
@@ -116,7 +126,13 @@ def load_model(
     )
 
     path = resolve_model_path(cfg.name_or_path)
-    dtype = resolve_dtype(cfg.dtype, device)
+    width = None
+    if precision and cfg.dtype == "auto":
+        hf_config = AutoConfig.from_pretrained(
+            path, revision=cfg.revision, trust_remote_code=cfg.trust_remote_code
+        )
+        width = model_width(hf_config)
+    dtype = resolve_dtype(cfg.dtype, device, precision, width)
     kwargs = {
         "revision": cfg.revision,
         "trust_remote_code": cfg.trust_remote_code,
