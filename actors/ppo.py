@@ -34,7 +34,7 @@ from actors.group import (
     gather,
     start_placement,
 )
-from actors.metrics import MetricsLogger
+from actors.metrics import MetricsLogger, RolePerf
 from actors.policy import CriticTrainer
 from actors.reward import RewardModel, make_scorer
 from actors.rollout import Rollout, RolloutGenerator, merge_rollouts, rank_slices, sequences
@@ -42,7 +42,8 @@ from rlhf.advantages import RunningMeanStd
 from rlhf.config import RunConfig, dump_config
 from rlhf.data import load_datasets, make_collator
 from rlhf.experience import compute_advantages
-from rlhf.kl import make_kl_controller
+from rlhf.flops import online_step_flops
+from rlhf.kl import logp_gap, make_kl_controller
 from rlhf.models import load_tokenizer
 from rlhf.objectives import KLPenalty
 from rlhf.rundir import Claim
@@ -200,6 +201,8 @@ class OnlineRun:
         if self.cfg.needs_reference:
             self.reference = ReferenceGroup(self.cfg, placement)
         self.weight_sync = SharedWeights() if hybrid else WeightSync(self.policy, self.rollout)
+        roles = ("policy", "rollout", "reference", "critic", "reward")
+        self.perf = RolePerf({role: getattr(self, role) for role in roles})
         write_actor_pids(self.out, {role: getattr(self, role) for role in ROLE_NAMES})
 
     # ------------------------------------------------------------------ checkpoints
@@ -367,8 +370,10 @@ class OnlineRun:
         self.pending_ref = ref_refs if self.kl_in_loss else None
         ref = None if self.kl_in_loss else _rows(ref_refs)
         old, values = _rows(old_refs), _rows(value_refs)
+        engine = rollout_token_logps(r)
+        gap = logp_gap(old, engine, action) if old is not None else {}
         if self.old_logps_source == "rollout":
-            old = rollout_token_logps(r)
+            old = engine
         scores = self.fetch_scores(scores)
         has_eos = torch.tensor([f == "stop" for f in r.finish])
         zeros = torch.zeros(action.shape)
@@ -385,6 +390,7 @@ class OnlineRun:
             self.normalizer,
         )
         adv.metrics["kl/coef"] = self.kl.value
+        adv.metrics.update(gap)
         exp = Experience(
             ids,
             attention,
@@ -394,6 +400,8 @@ class OnlineRun:
             adv.returns,
             (values * action) if values is not None else zeros,
             r.prompt_index,
+            # The update then measures the gap itself (π_old is its own forward).
+            engine if self.single_update and old is None else None,
         )
         self.samples = list(zip(prompt_text, responses, scores.tolist(), strict=True))
         return exp, adv.metrics
@@ -426,7 +434,7 @@ class OnlineRun:
         for role, role_refs in refs.items():
             for result in gather(role_refs):
                 for k, v in result.metrics.items():
-                    key = k if k.startswith(("policy/", "value/")) else f"{role}/{k}"
+                    key = k if k.startswith(("policy/", "value/", "rollout/")) else f"{role}/{k}"
                     sums.setdefault(key, []).append(v)
         return {k: sum(v) / len(v) for k, v in sums.items()}
 
@@ -448,6 +456,22 @@ class OnlineRun:
                 extra = [KLPenalty(coef, DeferredRows(ref_refs, rows[s])) for s in chunks]
             work.append((batches, extra))
         return group.call_each(lambda a, x: a.train_step.remote(*x), work)
+
+    def utilisation(self, r: Rollout, step_s: float, train_s: float) -> dict[str, float]:
+        """perf/<role>/tflops and /mfu over the step, and the policy's MFU over the update
+        phase alone (perf/policy/update_mfu: its updates' FLOPs over timing/train)."""
+        prompts, responses = r.prompt_mask.sum(1).tolist(), r.response_mask.sum(1).tolist()
+        recompute = self.old_logps_source == "recompute"
+        epochs = self.cfg.ppo.ppo_epochs
+        flops = online_step_flops(self.perf.shapes, prompts, responses, epochs, recompute)
+        out = self.perf.metrics(flops, step_s)
+        peak = self.perf.peaks.get("policy")
+        if peak and train_s > 0:
+            only_updates = online_step_flops(
+                {"policy": self.perf.shapes["policy"]}, prompts, responses, epochs
+            )
+            out["perf/policy/update_mfu"] = only_updates["policy"] / train_s / peak
+        return out
 
     # ------------------------------------------------------------------ the loop
 
@@ -506,6 +530,7 @@ class OnlineRun:
                         "perf/tokens_per_s": tokens / (t4 - t0),
                     }
                 )
+                metrics.update(self.utilisation(rollout, t4 - t0, t3 - t2))
                 self.step_times.append(t4 - t0)
                 self.first_step_done = self.first_step_done or t4
                 if evaluates:

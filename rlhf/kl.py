@@ -85,3 +85,24 @@ def make_kl_controller(
     if target is None:
         return FixedKLController(init_value)
     return AdaptiveKLController(init_value, target, horizon)
+
+
+#: The behaviour (rollout engine) vs trainer log-prob gap metrics, see logp_gap.
+GAP_KEYS = ("rollout/logp_gap_mean", "rollout/logp_gap_max", "rollout/logp_gap_kl")
+
+
+def logp_gap(
+    logps: torch.Tensor, behaviour_logps: torch.Tensor, mask: torch.Tensor
+) -> dict[str, float]:
+    """How far the trainer's log-probs (`logps`) of the sampled tokens are from those of the
+    engine that sampled them (`behaviour_logps`), over the tokens of `mask`: mean and max of
+    |Δ|, and KL(π_behaviour || π_trainer) by k3 (the samples are the behaviour policy's).
+    Zero when both compute the same numbers; a bf16 or vLLM engine makes it non-zero."""
+    acting = mask.bool()
+    if not bool(acting.any()):
+        return dict.fromkeys(GAP_KEYS, 0.0)
+    delta = (logps.double() - behaviour_logps.double())[acting]
+    # Samples from the behaviour policy: KL(π_b || π) by k3 with r = π / π_b.
+    k3 = kl_estimate(behaviour_logps[acting], logps[acting], "k3")
+    values = (delta.abs().mean().item(), delta.abs().max().item(), k3.double().mean().item())
+    return dict(zip(GAP_KEYS, values, strict=True))

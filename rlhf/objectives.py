@@ -18,6 +18,7 @@ import torch
 import torch.nn.functional as F
 
 from rlhf.config import RunConfig
+from rlhf.kl import logp_gap
 from rlhf.losses import (
     LENGTH_NORMALISED,
     bradley_terry_loss,
@@ -264,6 +265,11 @@ def ppo_policy_objective(
             entropy, exp.action_mask, coef=p.entropy_coef, aggregation=p.aggregation
         )
     metrics.update(entropy_metrics)
+    if exp.old_logps is None and exp.rollout_logps is not None:
+        # π_old is this forward itself: its gap to the engine's numbers, at the same weights.
+        # (A max is not kept: the trainer averages metrics over micro-batches.)
+        gap = logp_gap(old, exp.rollout_logps, exp.action_mask)
+        metrics.update({k: v for k, v in gap.items() if not k.endswith("_max")})
     if ref is not None:  # fetched only now: the reference forward overlapped ours
         kl, kl_metrics = kl_penalty_loss(
             logps,

@@ -115,7 +115,9 @@ class Experience(_Batch):
     log-probs (column t scores token t+1): action_mask marks response tokens; old_logps,
     advantages, returns and old_values are 0 elsewhere. index [B]: the prompt's dataset index.
     old_logps is None when each row is used by exactly one update, from the weights that
-    sampled it: the update's own (detached) log-probs are then the old ones (ratio 1)."""
+    sampled it: the update's own (detached) log-probs are then the old ones (ratio 1).
+    rollout_logps: the engine's log-probs of the sampled tokens, given when old_logps is None
+    so that the update measures the engine-trainer gap (rlhf.kl.logp_gap)."""
 
     input_ids: torch.Tensor
     attention_mask: torch.Tensor
@@ -125,6 +127,7 @@ class Experience(_Batch):
     returns: torch.Tensor
     old_values: torch.Tensor
     index: torch.Tensor
+    rollout_logps: torch.Tensor | None = None
 
     def rows(self, idx: torch.Tensor) -> Experience:
         """The sub-batch of rows `idx`."""
