@@ -126,6 +126,24 @@ class Worker:
         micro_batches, start = experience_inputs(parts, *spec)
         return getattr(self, method)(micro_batches, start)
 
+    def perf_module(self):
+        """The model whose shape the FLOPs model counts (None: this role does no model math
+        the model counts, e.g. a reward function), and the dtype it computes in."""
+        return None, None
+
+    def perf_info(self) -> dict:
+        """What the driver's utilisation metrics need from this rank, asked once at start:
+        the role model's shape (rlhf.flops.ModelShape) and this device's peak FLOP/s at the
+        dtype it computes in (None where unknown), with where that peak came from."""
+        from rlhf.flops import ModelShape, device_peak
+
+        module, dtype = self.perf_module()
+        if module is None:
+            return {"shape": None, "peak": None, "source": "no model"}
+        shape = module if isinstance(module, ModelShape) else ModelShape.of(module)
+        peak, source = device_peak(self.device, dtype)
+        return {"shape": shape, "peak": peak, "source": f"{source}, {str(dtype)[6:]}"}
+
     def ping(self) -> dict:
         """Health probe: who and where this actor is."""
         return {"rank": self.info.rank, "pid": os.getpid(), "host": socket.gethostname()}

@@ -21,7 +21,7 @@ import ray
 import torch
 
 from actors.group import ActorDied, ActorGroup, ClusterPlacement, start_placement
-from actors.metrics import MetricsLogger
+from actors.metrics import MetricsLogger, RolePerf
 from actors.policy import PolicyTrainer, StepResult
 from actors.refcache import ReferenceCache
 from actors.reference import ReferenceModel
@@ -29,6 +29,7 @@ from rlhf.config import RunConfig, dump_config
 from rlhf.data import load_datasets, make_collator
 from rlhf.data.pipeline import TokenizedDataset
 from rlhf.data.quarantine import DataError
+from rlhf.flops import offline_step_flops
 from rlhf.models import check_run_models, load_tokenizer
 from rlhf.objectives import RefLogps, model_kind
 from rlhf.placement import active_roles, role_resources
@@ -305,6 +306,10 @@ class OfflineRun:
                     self.cfg, self.train_set, self.reference, self.collate, self.plan.order(0)
                 )
         write_actor_pids(self.out, {"policy": self.policy, "reference": self.reference})
+        # A reference serving a precomputed cache does no per-step work.
+        on_the_fly = self.reference if self.ref_cache is None else None
+        self.perf = RolePerf({"policy": self.policy, "reference": on_the_fly})
+        self.step_flops: dict[int, dict[str, float]] = {}
         return self._resume()
 
     def _resume(self) -> int:
@@ -398,6 +403,8 @@ class OfflineRun:
         prepared, batches, pending = self._upcoming  # type: ignore[misc]
         assert prepared == step, f"step {step} launched, but step {prepared} was prepared"
         refs = self._refs_for(batches, pending)
+        lengths = [n for rank, _ in batches for b in rank for n in b.attention_mask.sum(1).tolist()]
+        self.step_flops[step + 1] = offline_step_flops(self.perf.shapes, lengths)
         work = [(b, r) for (b, _), r in zip(batches, refs, strict=True)]
         queued = self.policy.call_each(lambda a, x: a.train_step.remote(*x), work)  # type: ignore[union-attr]
         self._upcoming = None
@@ -420,6 +427,8 @@ class OfflineRun:
     ) -> dict[str, float]:
         cfg = self.cfg
         metrics = _mean([r.metrics for r in results])
+        flops = self.step_flops.pop(step, {})
+        metrics.update(self.perf.metrics(flops, metrics.get("timing/step", 0.0)))
         skipped = results[0].skipped
         if skipped:
             self.bad_steps += 1

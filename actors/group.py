@@ -192,6 +192,10 @@ class ActorGroup(Generic[T]):
         """Wait for refs (see the module-level `gather`)."""
         return gather(refs)
 
+    def perf_info(self) -> list[dict]:
+        """Each rank's Worker.perf_info (model shape and device peak), for the FLOPs model."""
+        return gather(self.call(lambda a: a.perf_info.remote()))
+
     def pids(self) -> list[int]:
         return [info["pid"] for info in gather(self.call(lambda a: a.ping.remote()))]
 

@@ -12,9 +12,46 @@ from collections import deque
 from pathlib import Path
 
 from rlhf.config import RunConfig, config_to_dict, redact
+from rlhf.flops import ModelShape, utilisation
 
 #: Metrics shown on the progress line when present.
-HEADLINE = ("loss", "rewards/accuracies", "rewards/margins", "rm/accuracy", "nll_loss", "sft/nll")
+HEADLINE = (
+    "loss",
+    "rewards/accuracies",
+    "rewards/margins",
+    "rm/accuracy",
+    "nll_loss",
+    "sft/nll",
+    "perf/policy/mfu",
+)
+
+
+class RolePerf:
+    """Per-role utilisation (perf/<role>/tflops, perf/<role>/mfu) from the FLOPs model of
+    rlhf.flops: each role's model shape and its devices' summed peak, asked of its ranks once
+    at start (printed), then each step's FLOPs over the step's wall time."""
+
+    def __init__(self, groups: dict):
+        self.shapes: dict[str, ModelShape] = {}
+        self.peaks: dict[str, float | None] = {}
+        self.ranks: dict[str, int] = {}
+        for role, group in groups.items():
+            if group is None:
+                continue
+            infos = group.perf_info()
+            if infos[0]["shape"] is None:
+                continue
+            peaks = [i["peak"] for i in infos]
+            self.shapes[role], self.ranks[role] = infos[0]["shape"], len(infos)
+            self.peaks[role] = sum(peaks) if all(peaks) else None
+            peak = f"{peaks[0] / 1e12:.3g} TFLOP/s" if peaks[0] else "unknown"
+            print(f"perf: {role} peak {peak} per device ({infos[0]['source']})", flush=True)
+
+    def metrics(self, flops: dict[str, float], seconds: float) -> dict[str, float]:
+        out: dict[str, float] = {}
+        for role, f in flops.items():
+            out.update(utilisation(role, f, seconds, self.peaks.get(role), self.ranks[role]))
+        return out
 
 
 class MetricsLogger:
@@ -101,7 +138,7 @@ class MetricsLogger:
         # Throughput over the last few logged steps, not since start-up (model loading
         # would drag it down for the whole run).
         self.recent.append((time.perf_counter(), samples))
-        shown = {k: f"{metrics[k]:.4g}" for k in HEADLINE if k in metrics}
+        shown = {_label(k): f"{metrics[k]:.4g}" for k in HEADLINE if k in metrics}
         (t0, s0), (t1, s1) = self.recent[0], self.recent[-1]
         if t1 > t0:
             shown["samples/s"] = f"{(s1 - s0) / (t1 - t0):.1f}"
@@ -120,6 +157,11 @@ class MetricsLogger:
             self.wandb.finish()
         if self.tb is not None:
             self.tb.close()
+
+
+def _label(key: str) -> str:
+    """perf/policy/mfu is `mfu` on the progress line."""
+    return key.rsplit("/", 1)[-1] if key.startswith("perf/") else key
 
 
 def _clean(v: float) -> float | str:
