@@ -160,6 +160,8 @@ def test_grpo_learns_without_a_critic_and_adaptive_kl_rises(sft_model, tmp_path,
     first, last = mean(x["reward/mean"] for x in r[:5]), mean(x["reward/mean"] for x in r[-5:])
     print(f"mean reward, first 5 steps {first:.3f} -> last 5 steps {last:.3f}")
     assert last > first + 0.5, (first, last)
+    # fp32 engine and trainer (the tiny model resolves auto to fp32): the same log-probs.
+    assert all(x["rollout/logp_gap_mean"] < 1e-5 for x in r)
     assert "value/loss" not in r[-1]
     summary = json.loads((tmp_path / "out" / "summary.json").read_text())
     assert "critic" not in summary["peak_rss_mb"]
@@ -216,3 +218,27 @@ def test_hybrid_engine_matches_separate_engines_on_two_ranks(sft_model, tmp_path
         assert compared == {k: b[k] for k in compared}, a["step"]
     assert hybrid_pids["rollout"] == hybrid_pids["policy"] and len(hybrid_pids["policy"]) == 2
     assert not set(separate_pids["rollout"]) & set(separate_pids["policy"])
+
+
+def test_grpo_learns_in_bf16_and_reports_the_engine_gap(sft_model, tmp_path):
+    """The tiny reward task in bf16: autocast trainer, bf16 reference and engine weights. The
+    engine's log-probs now differ from the trainer's, and the gap is logged every step."""
+    rlhf_train(
+        critic_free_config(
+            tmp_path,
+            sft_model,
+            estimator="grpo",
+            kl_penalty="loss",
+            kl_estimator="k3",
+            ppo_epochs=1,
+        ),
+        "train.precision=bf16",
+    )
+    r = rows(tmp_path)
+    first, last = mean(x["reward/mean"] for x in r[:5]), mean(x["reward/mean"] for x in r[-5:])
+    print(f"bf16: mean reward, first 5 steps {first:.3f} -> last 5 steps {last:.3f}")
+    assert last > first + 0.5, (first, last)
+    for x in r:
+        assert 0 < x["rollout/logp_gap_mean"] < 0.5 and x["rollout/logp_gap_kl"] >= 0
+        assert 0 < x["perf/policy/mfu"] < 1 and 0 < x["perf/rollout/mfu"] < 1
+        assert x["perf/policy/update_mfu"] > x["perf/policy/mfu"]

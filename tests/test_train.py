@@ -47,8 +47,9 @@ def metrics(out: Path) -> list[dict]:
 
 
 def untimed(rows: list[dict]) -> list[dict]:
-    """Rows without wall-clock columns (the only ones allowed to differ between runs)."""
-    return [{k: v for k, v in r.items() if not k.startswith("timing/")} for r in rows]
+    """Rows without wall-clock columns (timing/*, and perf/* measured over it: the only ones
+    allowed to differ between runs)."""
+    return [{k: v for k, v in r.items() if not k.startswith(("timing/", "perf/"))} for r in rows]
 
 
 def last_with(rows: list[dict], key: str) -> dict:
