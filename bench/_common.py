@@ -32,11 +32,24 @@ def child_env(cache_dir: Path | None = None, **extra: str) -> dict[str, str]:
     return env
 
 
-def trl_training_args(output_dir: str, batch: int, steps: int, lr: float) -> dict:
+#: The precisions of the benchmarks' `--precision` axis, in the order runs interleave.
+PRECISIONS = ("fp32", "bf16")
+
+
+def trl_training_args(
+    output_dir: str, batch: int, steps: int, lr: float, precision: str = "fp32"
+) -> dict:
     """TrainingArguments every TRL run shares: one optimizer step per batch, fused torch AdamW
     (HF's default on torch >= 2.8, and ours: `train.optimizer=adamw` takes the fused kernel), a
-    constant lr, fp32, no gradient checkpointing (TRL's default is on), CPU, nothing saved,
-    logged or evaluated inside the timed steps, seed 42."""
+    constant lr, no gradient checkpointing (TRL's default is on), CPU, nothing saved, logged or
+    evaluated inside the timed steps, seed 42.
+
+    precision "fp32": `bf16=False`, `fp16=False` (the model computes in the fp32 it is loaded
+    in). "bf16": `bf16=True`, TRL's default on bf16 hardware: accelerate's bf16 mixed
+    precision, on CPU `torch.autocast("cpu", torch.bfloat16)` around the forward of the model
+    as loaded (fp32 weights and AdamW state), the counterpart of ours `train.precision=bf16`."""
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision {precision!r}: expected one of {', '.join(PRECISIONS)}")
     return {
         "output_dir": output_dir,
         "per_device_train_batch_size": batch,
@@ -48,7 +61,7 @@ def trl_training_args(output_dir: str, batch: int, steps: int, lr: float) -> dic
         "optim": "adamw_torch_fused",
         "weight_decay": 0.0,
         "max_grad_norm": 1.0,
-        "bf16": False,
+        "bf16": precision == "bf16",
         "fp16": False,
         "gradient_checkpointing": False,
         "use_cpu": True,

@@ -2,6 +2,7 @@
 TRL 1.16, on the same work, in one invocation.
 
     .venv/bin/python -m bench.offline [--steps N] [--only dpo] [--repeats K]
+                                      [--precision fp32 bf16]
 
 Needs TRL (`pip install -c requirements/lock-cpu.txt -e '.[bench]'`). Workloads (`--only` takes
 these names, and may be repeated):
@@ -15,16 +16,31 @@ these names, and may be repeated):
 
 Same work on both sides: the tiny Llama of `rlhf.assets.build_tiny()` (or SmolLM2), the rows
 of `rlhf.data.synthetic.reviews("train")` (positive = chosen), max length 64 (prompt 32),
-global batch 8 without gradient accumulation, fp32, torch AdamW, a constant learning rate,
-max_grad_norm 1, no gradient checkpointing, no eval, no checkpoint inside the timed steps, one
-torch thread per process. Every run is its own subprocess (ours: `python -m launch train`;
-TRL: this module with `--trl-worker`), so each peak RSS is that process's own.
+global batch 8 without gradient accumulation, the same precision, torch AdamW, a constant
+learning rate, max_grad_norm 1, no gradient checkpointing, no eval, no checkpoint inside the
+timed steps, one torch thread per process.
+
+Precision (`--precision`, one or more of fp32 and bf16; default both) applies to `dpo` and
+`dpo-smollm2`: each runs at each precision, ours with `train.precision=<p>` (bf16 on CPU:
+autocast over fp32 master weights in the policy trainer, bf16 weights in the reference
+actor), TRL with `bf16=True` for bf16 (its default on bf16 hardware: accelerate's autocast
+over the fp32-loaded model) and `bf16=False` for fp32; within a repeat the runs alternate ours
+fp32, TRL fp32, ours bf16, TRL bf16. Their rows: ours / TRL at each precision (target 1.0x),
+and, when both ran, ours bf16 / ours fp32 (reported) and TRL bf16 / TRL fp32 (reported). The
+other workloads run in fp32 only, whatever `--precision` says: the issue sets no bf16 target
+for them, and dpo-precomputed would need one reference log-prob cache per precision (the
+cache key, actors.refcache.cache_key, does not include train.precision), so a bf16 run could
+read fp32 log-probs. Giving a workload the axis is `precision_axis=True` on its Workload.
+
+Every run is its own subprocess (ours: `python -m launch train`; TRL: this module with
+`--trl-worker`), so each peak RSS is that process's own.
 
 Throughput is samples/s over the steps after `--warmup`, measured the same way on both sides:
 ours from the `timing/step` column of metrics.jsonl (the coordinator's whole loop iteration:
 data, reference log-probs, the train step), TRL from the interval between consecutive
 `on_step_end` callbacks (data loading, the step, callbacks). With `--repeats K` the runs of a
-workload are interleaved (ours, TRL, ours, TRL, ...) and the table shows medians.
+workload are interleaved (ours, TRL, ours, TRL, ...; with the precision axis ours fp32, TRL
+fp32, ours bf16, TRL bf16, ...) and the table shows medians.
 
 The table goes to stdout and, as markdown, to bench/results/offline.md (`--out`).
 """
@@ -42,11 +58,12 @@ import subprocess
 import sys
 import tempfile
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from bench._common import (
     CACHE,
+    PRECISIONS,
     ROOT,
     child_env,
     median,
@@ -76,6 +93,7 @@ class Ours:
     #: "train": `rlhf train`; "precompute": only the reference log-probs of the training set
     #: (ReferenceCache with a started reference actor, the way `rlhf train` builds it).
     mode: str = "train"
+    precision: str = "fp32"  # train.precision (set per run by Workload.plan)
 
 
 @dataclass(frozen=True)
@@ -85,17 +103,20 @@ class Trl:
     trainer: str  # dpo | orpo | sft | rm
     lr: float
     precompute: bool = False
+    precision: str = "fp32"  # fp32: bf16=False; bf16: bf16=True (set per run by Workload.plan)
 
 
 @dataclass(frozen=True)
 class Row:
-    """One line of the table: ours / TRL, with a target ratio (None: report only)."""
+    """One line of the table: run a / run b (keys of Workload.runs, usually ours / TRL), with
+    a target ratio (None: report only)."""
 
     name: str
-    ours: str
-    trl: str
+    a: str
+    b: str
     target: float | None
     note: str = ""
+    precision: str = "fp32"  # shown in the table: "fp32", "bf16" or "bf16 / fp32"
 
 
 @dataclass(frozen=True)
@@ -110,6 +131,32 @@ class Workload:
     max_length: int = 64
     max_prompt_length: int | None = 32
     limit: int | None = None
+    #: Takes `--precision`: runs and rows are written for one precision and repeated for each
+    #: (keys "ours fp32", "trl bf16", ...), plus a row ours bf16 / ours fp32 when both ran.
+    #: False: fp32 only, whatever `--precision` says.
+    precision_axis: bool = False
+    bf16_target: float | None = None  # ours bf16 / ours fp32 target, None: report only
+
+    def plan(self, precisions: list[str]) -> tuple[dict[str, Ours | Trl], tuple[Row, ...]]:
+        """The runs, in the order they run within a repeat, and the table rows."""
+        if not self.precision_axis:
+            return self.runs, self.rows
+        runs = {
+            f"{key} {p}": replace(run, precision=p)
+            for p in precisions
+            for key, run in self.runs.items()
+        }
+        rows = [
+            replace(row, a=f"{row.a} {p}", b=f"{row.b} {p}", precision=p)
+            for p in precisions
+            for row in self.rows
+        ]
+        if all(p in precisions for p in PRECISIONS):
+            name, both = self.rows[0].name, "bf16 / fp32"
+            rows.append(Row(name, "ours bf16", "ours fp32", self.bf16_target, "", both))
+            if "trl" in self.runs:  # what bf16 gives TRL, for reference
+                rows.append(Row(name, "trl bf16", "trl fp32", None, "", both))
+        return runs, tuple(rows)
 
 
 TINY = "configs/quickstart/{}_tiny.yaml"
@@ -120,6 +167,7 @@ WORKLOADS = [
         "dpo",
         {"ours": Ours(TINY.format("dpo")), "trl": Trl("dpo", 5e-4)},
         (Row("dpo (ref on the fly)", "ours", "trl", 1.0),),
+        precision_axis=True,
     ),
     Workload(
         "dpo-precomputed",
@@ -201,6 +249,7 @@ WORKLOADS = [
         max_length=128,
         max_prompt_length=None,
         limit=256,
+        precision_axis=True,
     ),
 ]
 BY_NAME = {w.name: w for w in WORKLOADS}
@@ -283,7 +332,7 @@ def run_ours(
         f"train.micro_batch_size={w.batch}",
         "train.lr_scheduler=constant",
         "train.warmup_ratio=0.0",
-        "train.precision=fp32",
+        f"train.precision={run.precision}",
         "train.optimizer=adamw",
         "train.max_grad_norm=1.0",
         "logging.progress=false",
@@ -326,6 +375,7 @@ def run_trl(w: Workload, run: Trl, steps: int, warmup: int, out_dir: Path) -> Re
         "trainer": run.trainer,
         "lr": run.lr,
         "precompute": run.precompute,
+        "precision": run.precision,
         "model": w.model,
         "steps": steps,
         "warmup": warmup,
@@ -359,22 +409,25 @@ def _fresh_cache(root: Path) -> Path:
 
 
 def run_workload(w: Workload, args, work: Path) -> dict[str, list[Result]]:
-    """Every run of w, `args.repeats` times, interleaved (ours, TRL, ours, TRL, ...)."""
+    """Every run of w, `args.repeats` times, interleaved (ours, TRL, ours, TRL, ...; with the
+    precision axis ours fp32, TRL fp32, ours bf16, TRL bf16, ...)."""
     steps = w.steps or args.steps
     warmup = w.warmup if w.warmup is not None else args.warmup
-    results: dict[str, list[Result]] = {k: [] for k in w.runs}
+    runs, _ = w.plan(args.precision)
+    results: dict[str, list[Result]] = {k: [] for k in runs}
     for rep in range(args.repeats):
         cache = work / f"{w.name}-cache-{rep}"
-        if any(run.cache == "repeat" for run in w.runs.values() if isinstance(run, Ours)):
+        if any(run.cache == "repeat" for run in runs.values() if isinstance(run, Ours)):
             _fresh_cache(cache)
-        for key, run in w.runs.items():
-            out = work / f"{w.name}-{key}-{rep}"
+        for key, run in runs.items():
+            slug = f"{w.name}-{key.replace(' ', '-')}"
+            out = work / f"{slug}-{rep}"
             label = f"[{w.name} {rep + 1}/{args.repeats}] {key}"
             print(f"{label} ...", file=sys.stderr, flush=True)
             load = os.getloadavg()[0]
             if isinstance(run, Ours):
                 if run.cache == "fresh":
-                    cache_dir = _fresh_cache(work / f"{w.name}-{key}-cache-{rep}")
+                    cache_dir = _fresh_cache(work / f"{slug}-cache-{rep}")
                 else:
                     cache_dir = cache if run.cache == "repeat" else CACHE / "rlhf"
                 r = run_ours(w, run, steps, warmup, out, cache_dir)
@@ -411,6 +464,13 @@ def _rss(results: list[Result], role: str) -> str:
     return f"{m:.0f}" if m is not None else "-"
 
 
+def _rss_cell(results: list[Result]) -> str:
+    """Peak RSS of a run: TRL's one process, or ours policy / reference / driver."""
+    if any("trl" in r.rss_mb for r in results):
+        return _rss(results, "trl")
+    return " / ".join(_rss(results, role) for role in ("policy", "reference", "driver"))
+
+
 def _fmt(x: float | None, spec: str = ".1f") -> str:
     return format(x, spec) if x is not None else "failed"
 
@@ -420,32 +480,32 @@ def _median_step(results: list[Result], warmup: int) -> float | None:
     return median([s for r in results if r.error is None for s in r.step_s[warmup:]])
 
 
-def table(done: dict[str, dict[str, list[Result]]], warmup: int) -> list[str]:
+def table(done: dict[str, dict[str, list[Result]]], args) -> list[str]:
+    """One line per row of each workload's plan: run a / run b (ours / TRL at one precision,
+    or ours bf16 / ours fp32), by samples/s and by median step, against the target."""
     head = (
-        "| workload | ours samples/s | TRL samples/s | ours/TRL | ours/TRL by median step "
-        "| target | met | ours peak RSS MiB (policy / reference / driver) | TRL peak RSS MiB |"
+        "| workload | precision | a / b | a samples/s | b samples/s | a/b | a/b by median step "
+        "| target | met | a peak RSS MiB | b peak RSS MiB |"
     )
-    lines = [head, "|" + "---|" * 9]
+    lines = [head, "|" + "---|" * 11]
     for w in WORKLOADS:
         if w.name not in done:
             continue
         res = done[w.name]
-        skip = w.warmup if w.warmup is not None else warmup
-        for row in w.rows:
-            ours, trl = _rate(res[row.ours]), _rate(res[row.trl])
-            ratio = ours / trl if ours and trl else None
-            steps = _median_step(res[row.ours], skip), _median_step(res[row.trl], skip)
+        skip = w.warmup if w.warmup is not None else args.warmup
+        for row in w.plan(args.precision)[1]:
+            a, b = _rate(res[row.a]), _rate(res[row.b])
+            ratio = a / b if a and b else None
+            steps = _median_step(res[row.a], skip), _median_step(res[row.b], skip)
             robust = steps[1] / steps[0] if all(steps) else None
             target = f">= {row.target:.1f}x" if row.target else "report"
             met = (
                 "-" if not row.target or ratio is None else ("yes" if ratio >= row.target else "NO")
             )
-            rss = " / ".join(
-                _rss(res[row.ours], role) for role in ("policy", "reference", "driver")
-            )
             lines.append(
-                f"| {row.name} | {_fmt(ours)} | {_fmt(trl)} | {_fmt(ratio, '.2f')}x "
-                f"| {_fmt(robust, '.2f')}x | {target} | {met} | {rss} | {_rss(res[row.trl], 'trl')} |"
+                f"| {row.name} | {row.precision} | {row.a} / {row.b} | {_fmt(a)} | {_fmt(b)} "
+                f"| {_fmt(ratio, '.2f')}x | {_fmt(robust, '.2f')}x | {target} | {met} "
+                f"| {_rss_cell(res[row.a])} | {_rss_cell(res[row.b])} |"
             )
     return lines
 
@@ -518,26 +578,33 @@ def report(done, args, load: tuple, elapsed: float) -> str:
         "",
         f"{args.steps} steps (SmolLM2: 10), throughput over the steps after the first "
         f"{args.warmup} (SmolLM2: 2); medians of {args.repeats} interleaved repeat(s). "
-        "samples/s = batch x timed steps / their total time, median over repeats; `met` "
-        "compares that ratio with the target. The ratio by median step (TRL's median step time "
-        "/ ours, over all timed steps of all repeats) is less sensitive to bursts of load. "
-        "Peak RSS (MiB): ours per process (policy actor, reference actor, the `rlhf train` "
-        "driver; Ray's own daemons not counted), TRL its one process (policy and reference "
-        "model together).",
+        f"Precisions: {', '.join(args.precision)} (`--precision`) on the workloads with the "
+        f"precision axis ({', '.join(w.name for w in WORKLOADS if w.precision_axis)}): ours "
+        "`train.precision=<p>`, TRL `bf16=True` for bf16 (`bf16=False` for fp32); the others "
+        "run in fp32 only. Each row compares run a with run b: ours / TRL at one precision "
+        "(target: ours >= TRL), or, when both precisions ran, ours bf16 / ours fp32 and TRL "
+        "bf16 / TRL fp32 (reported). samples/s = batch x timed steps / their total time, "
+        "median over repeats; `met` compares a/b with the target. The ratio by median step "
+        "(b's median step time / a's, over all timed steps of all repeats) is less sensitive "
+        "to bursts of load. Peak RSS (MiB): ours per process (policy actor / reference actor / "
+        "the `rlhf train` driver; Ray's own daemons not counted), TRL its one process (policy "
+        "and reference model together).",
         "",
-        *table(done, args.warmup),
+        *table(done, args),
         "",
     ]
     cost = precompute_cost(done)
     if cost:
         lines += ["Precompute cost (not in the samples/s above):", "", *cost, ""]
-    notes = [
-        f"- {w.name}: {r.name}: {r.note}"
-        for w in WORKLOADS
-        if w.name in done
-        for r in w.rows
-        if r.note
-    ]
+    notes = list(
+        dict.fromkeys(
+            f"- {w.name}: {r.name}: {r.note}"
+            for w in WORKLOADS
+            if w.name in done
+            for r in w.plan(args.precision)[1]
+            if r.note
+        )
+    )
     if notes:
         lines += ["Notes:", "", *notes, ""]
     lines += ["## Every run", "", *details(done, args.warmup), ""]
@@ -573,7 +640,9 @@ def trl_worker(spec: dict) -> None:
     tokenizer = AutoTokenizer.from_pretrained(folder)
 
     common = {
-        **trl_training_args(spec["output_dir"], spec["batch"], spec["steps"], spec["lr"]),
+        **trl_training_args(
+            spec["output_dir"], spec["batch"], spec["steps"], spec["lr"], spec["precision"]
+        ),
         "max_length": spec["max_length"],
     }
     timer = step_timer()
@@ -703,6 +772,16 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--repeats", type=int, default=1, help="interleaved repeats; medians shown")
     parser.add_argument(
+        "--precision",
+        nargs="+",
+        choices=PRECISIONS,
+        default=list(PRECISIONS),
+        help="one or more of fp32, bf16 (default: both) for the workloads with the precision "
+        f"axis ({', '.join(w.name for w in WORKLOADS if w.precision_axis)}; the others run in "
+        "fp32): ours train.precision=<p>, TRL bf16=True for bf16; with both, the table adds "
+        "ours bf16 / ours fp32",
+    )
+    parser.add_argument(
         "--out",
         type=Path,
         default=ROOT / "bench" / "results" / "offline.md",
@@ -726,6 +805,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     if args.warmup >= args.steps:
         parser.error("--warmup must be below --steps")
+    args.precision = [p for p in PRECISIONS if p in args.precision]  # fp32 first, once each
     from rlhf.assets import build_tiny, prepare_smollm2
 
     global RAY_NICENESS
