@@ -21,7 +21,7 @@ import ray
 import torch
 
 from actors.group import ActorDied, ActorGroup, ClusterPlacement, start_placement
-from actors.metrics import MetricsLogger, RolePerf
+from actors.metrics import MetricsLogger, RolePerf, mean_mfu
 from actors.policy import PolicyTrainer, StepResult
 from actors.refcache import ReferenceCache
 from actors.reference import ReferenceModel
@@ -589,6 +589,8 @@ def train(cfg: RunConfig) -> dict:
         # Start-up: cluster, actors, models, data, up to the end of the first step.
         "first_step_s": round(first - started, 1) if first is not None else None,
         "samples_per_s": run.throughput(),
+        # Mean perf/<role>/mfu over the steps after the first two (rlhf.flops).
+        "mfu": mean_mfu(Path(cfg.output_dir) / "metrics.jsonl"),
         "peak_rss_mb": peak_rss,
         "metrics": metrics,
     }

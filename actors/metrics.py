@@ -159,6 +159,23 @@ class MetricsLogger:
             self.tb.close()
 
 
+def mean_mfu(metrics_file: Path, warmup: int = 2) -> dict[str, float]:
+    """Mean of every perf/<role>/mfu (and update_mfu) over the logged steps after `warmup`,
+    keyed `<role>` (`policy/update`): the summary's utilisation."""
+    sums: dict[str, list[float]] = {}
+    if not metrics_file.exists():
+        return {}
+    for line in metrics_file.read_text(encoding="utf-8").splitlines():
+        row = json.loads(line)
+        if row.get("step", 0) <= warmup:
+            continue
+        for key, value in row.items():
+            if key.startswith("perf/") and key.endswith("mfu") and isinstance(value, float):
+                role = key[len("perf/") : -len("/mfu")].replace("/update_", "/update")
+                sums.setdefault(role, []).append(value)
+    return {role: round(sum(v) / len(v), 4) for role, v in sums.items()}
+
+
 def _label(key: str) -> str:
     """perf/policy/mfu is `mfu` on the progress line."""
     return key.rsplit("/", 1)[-1] if key.startswith("perf/") else key

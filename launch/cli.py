@@ -87,6 +87,8 @@ def _run_training(args, cfg) -> int:
         + f"; steady-state throughput {summary['samples_per_s']} samples/s; "
         f"final model in {summary['final_model']}"
     )
+    if summary.get("mfu"):
+        print("MFU: " + ", ".join(f"{role} {v:.3g}" for role, v in summary["mfu"].items()))
     return 0
 
 
