@@ -16,16 +16,20 @@ from safetensors.torch import load_file, save_file
 from rlhf.assets import cache_dir, resolve_model_path
 from rlhf.config import RunConfig
 from rlhf.objectives import RefLogps
+from rlhf.precision import cpu_bf16
 
 CHUNK_EXAMPLES = 64
 
 
 def cache_key(cfg: RunConfig, dataset) -> str:
-    """Hash of the tokenised examples and of the reference weights' identity."""
+    """Hash of the tokenised examples and of the reference weights' identity and precision
+    (train.precision decides the reference's dtype: a bf16 reference's log-probs are not an
+    fp32 one's, and `auto` resolves by the CPU's bf16 support)."""
     model_cfg = cfg.roles.reference.model or cfg.model
     h = hashlib.sha256()
     path = resolve_model_path(model_cfg.name_or_path)
-    h.update(json.dumps([path, model_cfg.revision, model_cfg.dtype]).encode())
+    precision = [cfg.train.precision, cpu_bf16()[0]]
+    h.update(json.dumps([path, model_cfg.revision, model_cfg.dtype, *precision]).encode())
     if Path(path).is_dir():
         for f in sorted(Path(path).glob("*.safetensors")):
             stat = f.stat()

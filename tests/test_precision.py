@@ -215,3 +215,23 @@ def test_bf16_dpo_learns_and_resumes_bit_identically(tmp_path):
     got = load_file(out / "final" / "model.safetensors")
     assert all((got[k] == expected[k]).all() for k in expected)
     assert untimed(metrics(out)) == untimed(rows)
+
+
+def test_reference_cache_key_follows_the_precision(tmp_path):
+    """Precomputed DPO reference log-probs of a bf16 reference are not an fp32 one's: the
+    on-disk cache keys them apart."""
+    from actors.refcache import cache_key
+    from rlhf.config import load_config
+    from rlhf.data import load_datasets
+    from rlhf.models import load_tokenizer
+
+    keys = {}
+    for precision in ("fp32", "bf16", "fp32"):
+        cfg = load_config(
+            "configs/quickstart/dpo_tiny.yaml",
+            ["data.train.limit=8", "data.eval=null", f"train.precision={precision}"],
+        )
+        train_set, _ = load_datasets(cfg.data, "preference", load_tokenizer(cfg.model), tmp_path)
+        keys.setdefault(precision, set()).add(cache_key(cfg, train_set))
+    assert len(keys["fp32"]) == 1, "the same run, the same key"
+    assert keys["fp32"] != keys["bf16"]
