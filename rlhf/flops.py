@@ -211,7 +211,16 @@ def device_peak(device: str | torch.device, dtype: torch.dtype) -> tuple[float |
         name = torch.cuda.get_device_name(torch.device(device))
         peak = gpu_peak(name, dtype)
         return peak, f"{name} ({'data sheet' if peak else 'not in the peak table'})"
-    return cpu_peak(dtype), f"CPU matmul probe, {torch.get_num_threads()} thread(s)"
+    where = f"CPU matmul probe, {torch.get_num_threads()} thread(s)"
+    peak = cpu_peak(dtype)
+    if dtype != torch.float32 and peak < (fp32 := cpu_peak(torch.float32)):
+        # A CPU without native bf16 emulates it, below its fp32 rate: the hardware's best is
+        # then fp32's, and an MFU over the emulated rate would read above 1.
+        return fp32, (
+            f"{where}: {dtype} ran at {peak / 1e9:.3g} GFLOP/s, below float32's "
+            f"{fp32 / 1e9:.3g} (emulated), so the peak is float32's"
+        )
+    return peak, where
 
 
 def utilisation(

@@ -139,4 +139,11 @@ def resolve_precision(
             "train.precision=fp16 needs a GPU (its loss scaling is DeepSpeed's); on a CPU use "
             "bf16 or auto"
         )
+    if name == "bf16" and device_type == "cpu" and not (native := cpu_bf16())[0]:
+        return Precision(
+            name,
+            device_type,
+            f"as asked, but {native[1]}: oneDNN emulates bf16, far slower than fp32 "
+            "(auto or fp32 would run fp32 here)",
+        )
     return Precision(name, device_type)

@@ -13,6 +13,7 @@ from rlhf.flops import (
     ModelShape,
     cpu_peak,
     decode_flops,
+    device_peak,
     forward_flops,
     gpu_peak,
     online_step_flops,
@@ -36,7 +37,7 @@ def test_auto_resolves_to_bf16_exactly_where_the_cpu_has_it(monkeypatch):
     wide = resolve_precision("auto", "cpu", width=576)
     assert wide.name == ("bf16" if _native_bf16() else "fp32"), wide
     assert wide.autocast == (wide.name == "bf16") and wide.deepspeed is None
-    assert ("AVX-512 BF16" in wide.why or "AMX" in wide.why) == _native_bf16()
+    assert ("neither" not in wide.why) == _native_bf16(), wide.why
     # A model narrower than the threshold stays fp32 (casts cost more than bf16 saves).
     narrow = resolve_precision("auto", "cpu", width=CPU_BF16_MIN_WIDTH - 1)
     assert narrow.name == "fp32" and not narrow.autocast
@@ -46,6 +47,27 @@ def test_auto_resolves_to_bf16_exactly_where_the_cpu_has_it(monkeypatch):
     assert resolve_dtype("auto", "cpu", "auto", 128) == torch.float32
     assert resolve_dtype("auto", "cpu") == torch.float32  # no run precision: as before
     assert resolve_dtype("float16", "cpu", "auto", 576) == torch.float16  # asked for
+
+
+@pytest.mark.parametrize(
+    "amx, avx512_bf16, expected",
+    [(True, False, "AMX"), (False, True, "AVX-512 BF16"), (False, False, "neither")],
+)
+def test_auto_follows_the_cpu_capability_whatever_this_cpu_has(
+    monkeypatch, amx, avx512_bf16, expected
+):
+    # The capability probe answered both ways, so both branches run on any CI machine (this
+    # one may or may not have bf16).
+    monkeypatch.delenv("ONEDNN_MAX_CPU_ISA", raising=False)
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: amx)
+    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: avx512_bf16)
+    p = resolve_precision("auto", "cpu", width=576)
+    assert p.name == ("bf16" if amx or avx512_bf16 else "fp32") and expected in p.why, p
+    assert p.autocast == (p.name == "bf16")
+    assert resolve_precision("auto", "cpu", width=128).name == "fp32"
+    # bf16 asked for explicitly is honoured, with a warning where the CPU would emulate it.
+    asked = resolve_precision("bf16", "cpu", width=576)
+    assert asked.name == "bf16" and ("emulates" in asked.why) == (expected == "neither")
 
 
 @pytest.mark.parametrize("cap", ["AVX512_CORE", "avx2", "AVX512_CORE_VNNI"])
@@ -172,7 +194,7 @@ def test_online_step_flops_and_utilisation():
     assert "perf/policy/mfu" not in utilisation("policy", 1e12, 1.0, peak=None)
 
 
-def test_peaks(tmp_path):
+def test_peaks(tmp_path, monkeypatch):
     assert gpu_peak("NVIDIA H100 80GB HBM3", torch.bfloat16) == 989e12
     assert gpu_peak("NVIDIA H100 PCIe", torch.float16) == 756e12
     assert gpu_peak("NVIDIA A100-SXM4-80GB", torch.float32) == 19.5e12
@@ -182,6 +204,13 @@ def test_peaks(tmp_path):
     cached = (tmp_path / "cpu_peak.json").read_text()
     assert cpu_peak(torch.float32, tmp_path) == first, "read back from the cache"
     assert (tmp_path / "cpu_peak.json").read_text() == cached
+    # bf16's peak is its probe where the CPU computes it natively; where oneDNN emulates it
+    # (slower than fp32), the hardware's best is fp32's, so an MFU never reads above 1.
+    bf16 = cpu_peak(torch.bfloat16, tmp_path)
+    monkeypatch.setenv("RLHF_CACHE_DIR", str(tmp_path))
+    peak, source = device_peak("cpu", torch.bfloat16)
+    assert peak == max(bf16, first) and ("emulated" in source) == (bf16 < first), source
+    assert device_peak("cpu", torch.float32)[0] == first
 
 
 # ----------------------------------------------------------------------------- end to end
