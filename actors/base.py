@@ -116,15 +116,20 @@ class Worker:
 
         return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
-    def forward_rollout(self, method: str, spec: tuple[int, int, int, int], *parts) -> list:
-        """`method` (a per-token forward taking (micro-batches, start)) on this rank's share of
-        a rollout, given as the engines' outputs: passed as refs, they come straight from the
-        object store, and the call starts as soon as the rollout is done, with no driver round
-        trip. spec = (pad id, rank, world size, micro-batch size)."""
-        from actors.rollout import experience_inputs
+    def forward_rollout(self, spec: tuple[int, int, int, int], *parts) -> list:
+        """`per_token` on this rank's share of a rollout, given as the engines' outputs:
+        passed as refs, they come straight from the object store, and the call starts as soon
+        as the rollout is done, with no driver round trip. spec = (pad id, rank, world size,
+        micro-batch size)."""
+        from rlhf.rollout import experience_inputs
 
         micro_batches, start = experience_inputs(parts, *spec)
-        return getattr(self, method)(micro_batches, start)
+        return self.per_token(micro_batches, start)
+
+    def per_token(self, sequences: list, start: int = 0) -> list:
+        """make_experience's per-token forward of this role over (input_ids, attention_mask)
+        micro-batches, from column `start` on (log-probs, or values)."""
+        raise NotImplementedError(f"{type(self).__name__} has no per-token forward")
 
     def perf_module(self):
         """The model whose shape the FLOPs model counts (None: this role does no model math

@@ -273,6 +273,8 @@ class DeepSpeedTrainer(Worker):
                 for ids, mask in sequences
             ]
 
+    per_token = forward
+
     # ------------------------------------------------------------------ state
 
     def save_checkpoint(self, path: str, tag: str) -> None:

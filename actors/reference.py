@@ -35,6 +35,8 @@ class ReferenceModel(Worker):
             for ids, mask in sequences
         ]
 
+    per_token = token_logps
+
     @torch.no_grad()
     def logps(self, batches: list) -> list[RefLogps]:
         """Reference log-prob sums for each batch (on the CPU, for the object store)."""

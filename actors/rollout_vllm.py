@@ -24,6 +24,7 @@ from rlhf.assets import resolve_model_path
 from rlhf.config import RolloutConfig, RunConfig
 from rlhf.data.collate import pad
 from rlhf.models import load_tokenizer, resolve_dtype
+from rlhf.rollout import Rollout
 from rlhf.types import PromptBatch
 
 
@@ -55,8 +56,6 @@ class VLLMBackend:
 
     def generate(self, prompts: PromptBatch, s: RolloutConfig, seed: int):
         from vllm import SamplingParams
-
-        from actors.rollout import Rollout
 
         token_prompts = [
             {"prompt_token_ids": ids[m].tolist()}

@@ -733,8 +733,10 @@ def precompute_worker(spec: dict) -> None:
     import torch
 
     torch.set_num_threads(1)
-    from actors.coordinator import OfflineRun, ReferenceGroup, init_ray
+    from actors.groups import ReferenceGroup
+    from actors.offline import OfflineRun
     from actors.refcache import ReferenceCache
+    from actors.run import init_ray
     from rlhf.config import load_config
     from rlhf.rundir import claim_output_dir
 
@@ -743,7 +745,7 @@ def precompute_worker(spec: dict) -> None:
     init_ray(cfg)
     reference = ReferenceGroup(cfg)
     try:
-        reference.gather(reference.call(lambda a: a.ping.remote()))
+        reference.pids()
         started = time.perf_counter()
         cache = ReferenceCache(cfg, run.train_set, reference, run.collate, run.plan.order(0))
         cache.wait_all()

@@ -21,9 +21,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--pushes", type=int, default=7)
     args = parser.parse_args(argv)
 
-    from actors.coordinator import PolicyGroup, init_ray
-    from actors.group import WeightSync
-    from actors.ppo import RolloutGroup
+    from actors.groups import PolicyGroup, RolloutGroup, WeightSync
+    from actors.run import init_ray
     from rlhf.config import load_config
 
     out = tempfile.mkdtemp(prefix="sync-push-")

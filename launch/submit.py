@@ -108,7 +108,7 @@ def check_overrides(overrides: list[str]) -> None:
 
 
 def _forwarded_env() -> tuple[str, ...]:
-    from actors.coordinator import FORWARDED_ENV  # imports ray and torch: only when needed
+    from actors.run import FORWARDED_ENV  # imports ray and torch: only when needed
 
     return FORWARDED_ENV
 

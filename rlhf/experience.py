@@ -34,11 +34,49 @@ class Advantages:
     metrics: dict[str, float]
 
 
-def _outcome_estimator(p: PPOConfig):
+#: What an estimator returns: (advantages, returns, the per-token KL it shaped with).
+Estimate = tuple[torch.Tensor, torch.Tensor, torch.Tensor]
+
+
+def _gae(p: PPOConfig, n, shaped, logps, ref, mask, values, kl_coef) -> Estimate:
+    if values is None:
+        raise ValueError("ppo.estimator=gae needs critic values")
+    rewards, kl = kl_shaped_rewards(shaped, logps, ref, mask, kl_coef, p.kl_estimator)
+    adv, returns = gae(rewards, values, mask, p.gamma, p.lam)
+    return adv, returns, kl
+
+
+def _outcome(baseline, p: PPOConfig, n, shaped, logps, ref, mask, values, kl_coef) -> Estimate:
     """Group baselines applied to sequence scores before KL shaping (critic-free PPO)."""
-    if p.estimator == "grpo":
-        return partial(grpo_advantages, scale=p.scale_rewards)
-    return rloo_advantages
+    rewards, kl = kl_shaped_rewards(baseline(shaped, n), logps, ref, mask, kl_coef, p.kl_estimator)
+    adv = discounted_returns(rewards, mask, p.gamma)
+    return adv, adv, kl
+
+
+def _grpo(p: PPOConfig, *args) -> Estimate:
+    return _outcome(partial(grpo_advantages, scale=p.scale_rewards), p, *args)
+
+
+def _rloo(p: PPOConfig, *args) -> Estimate:
+    return _outcome(rloo_advantages, p, *args)
+
+
+def _reinforce_pp(p: PPOConfig, n, shaped, logps, ref, mask, values, kl_coef) -> Estimate:
+    adv = reinforce_pp_advantages(
+        shaped, logps, ref, mask, kl_coef, group_size=n, gamma=p.gamma, estimator=p.kl_estimator
+    )
+    _, kl = kl_shaped_rewards(shaped, logps, ref, mask, kl_coef, p.kl_estimator)
+    return adv, adv, kl
+
+
+#: ppo.estimator -> fn(ppo config, group size, shaped scores, log-probs, reference log-probs,
+#: mask, values, kl_coef) -> Estimate. Looked up once at setup (`estimator_for`).
+ESTIMATORS = {"gae": _gae, "grpo": _grpo, "rloo": _rloo, "reinforce_pp": _reinforce_pp}
+
+
+def estimator_for(p: PPOConfig):
+    """The advantage estimator ppo.estimator names."""
+    return ESTIMATORS[p.estimator]
 
 
 def whitens(p: PPOConfig) -> bool:
@@ -59,7 +97,10 @@ def compute_advantages(
     has_eos: torch.Tensor,
     kl_coef: float,
     normalizer: RunningMeanStd | None,
+    estimator=None,
 ) -> Advantages:
+    """Shaped scores, then the estimator's advantages and returns (`estimator`: what
+    `estimator_for(cfg.ppo)` returns, looked up once by the caller; None looks it up here)."""
     p, rc = cfg.ppo, cfg.roles.reward
     n = cfg.roles.rollout.n_samples_per_prompt
     mask = action_mask.bool()
@@ -72,21 +113,8 @@ def compute_advantages(
         missing_eos_penalty=rc.missing_eos_penalty,
     )
     ref = ref_logps if ref_logps is not None else logps  # no reference: zero KL
-    if p.estimator == "reinforce_pp":
-        adv = reinforce_pp_advantages(
-            shaped, logps, ref, mask, kl_coef, group_size=n, gamma=p.gamma, estimator=p.kl_estimator
-        )
-        _, kl = kl_shaped_rewards(shaped, logps, ref, mask, kl_coef, p.kl_estimator)
-        returns = adv
-    elif p.estimator == "gae":
-        if values is None:
-            raise ValueError("ppo.estimator=gae needs critic values")
-        rewards, kl = kl_shaped_rewards(shaped, logps, ref, mask, kl_coef, p.kl_estimator)
-        adv, returns = gae(rewards, values, mask, p.gamma, p.lam)
-    else:
-        outcome = _outcome_estimator(p)(shaped, n)
-        rewards, kl = kl_shaped_rewards(outcome, logps, ref, mask, kl_coef, p.kl_estimator)
-        adv = returns = discounted_returns(rewards, mask, p.gamma)
+    estimate = estimator or estimator_for(p)
+    adv, returns, kl = estimate(p, n, shaped, logps, ref, mask, values, kl_coef)
     if whitens(p):
         adv = masked_whiten(adv, mask)
     metrics = {

@@ -4,7 +4,7 @@ with the role and the shortfall named, instead of hanging on a placement group o
 
 Pure Python (no Ray): `plan_placement(cfg)` plans against the config's declared `cluster`
 section (`rlhf check`, CI); the run's start-up passes the live nodes
-(`nodes_from_ray(ray.nodes())`) and actors.group reserves the plan's bundles on exactly the
+(`nodes_from_ray(ray.nodes())`) and actors.groups reserves the plan's bundles on exactly the
 planned nodes. See docs/placement.md.
 
 Modes (roles.placement)

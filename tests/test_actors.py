@@ -10,7 +10,8 @@ import pytest
 import ray
 import torch
 
-from actors.coordinator import PolicyGroup, ReferenceGroup, StepPlan
+from actors.groups import PolicyGroup, ReferenceGroup
+from actors.run import StepPlan
 from rlhf.config import load_config
 from rlhf.data import load_split, make_collator
 
@@ -158,7 +159,7 @@ class _Exploding:
 def test_an_actor_that_fails_to_start_reports_its_own_error(ray_local):
     """Not "the actor died ... resume": the role and the actor's own error, one line, and it
     is a set-up error (the CLI prints it as one and exits 2), not a resumable death."""
-    from actors.group import ActorDied, ActorGroup, ActorStartFailed
+    from actors.groups import ActorDied, ActorGroup, ActorStartFailed
     from rlhf.config import ConfigError, RoleResources
 
     group = ActorGroup("critic", _Exploding, RoleResources(), "no such head: 'score'")

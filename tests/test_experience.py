@@ -6,11 +6,11 @@ from __future__ import annotations
 import pytest
 import torch
 
-from actors.rollout import Rollout, experience_inputs, merge_rollouts, sequences
 from rlhf.advantages import RunningMeanStd, gae, grpo_advantages
 from rlhf.config import load_config
 from rlhf.experience import compute_advantages
 from rlhf.ops import masked_whiten
+from rlhf.rollout import Rollout, experience_inputs, merge_rollouts, sequences
 
 PAD = 0
 

@@ -1,4 +1,4 @@
-"""Placement plans (rlhf.placement) and their realisation on Ray (actors.group).
+"""Placement plans (rlhf.placement) and their realisation on Ray (actors.groups).
 
 Pure tests: memory estimates against hand-derived numbers, plans that fit, and refusals that
 name the role. Ray tests: a multi-node `ray.cluster_utils.Cluster` with fake GPUs (CUDA is
@@ -361,7 +361,7 @@ def _land(cfg):
     """Plan on the live nodes, reserve, start a Where group per role; return plan + reports."""
     import ray
 
-    from actors.group import ActorGroup, ClusterPlacement
+    from actors.groups import ActorGroup, ClusterPlacement
 
     plan = plan_placement(cfg, nodes_from_ray(ray.nodes())).check()
     placement = ClusterPlacement(plan, timeout_s=60)
@@ -431,7 +431,7 @@ def test_roles_land_where_the_plan_says(fake_gpu_cluster):
 def test_start_refuses_a_plan_that_cannot_fit_before_any_actor(fake_gpu_cluster):
     import ray
 
-    from actors.group import start_placement
+    from actors.groups import start_placement
 
     before = len(ray.util.placement_group_table())
     cfg = _ppo("roles.rollout.tensor_parallel_size=4", "roles.rollout.resources.gpus_per_rank=4")

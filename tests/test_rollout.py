@@ -5,13 +5,13 @@ from __future__ import annotations
 import pytest
 import torch
 
-from actors.group import ActorGroup, WeightSync
+from actors.groups import ActorGroup, WeightSync
 from actors.policy import PolicyTrainer
-from actors.ppo import rollout_token_logps
-from actors.rollout import RolloutGenerator, sequences
+from actors.rollout import RolloutGenerator
 from rlhf.config import load_config
 from rlhf.data import load_split, make_collator
 from rlhf.ops import shifted_token_logps
+from rlhf.rollout import rollout_token_logps, sequences
 
 
 def _cfg(tiny_path, *extra):

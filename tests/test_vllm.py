@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from actors.group import ActorGroup, WeightSync
+from actors.groups import ActorGroup, WeightSync
 from actors.policy import PolicyTrainer
 from actors.rollout import RolloutGenerator
 from rlhf.config import ModelConfig

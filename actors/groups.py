@@ -20,7 +20,12 @@ from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
 from actors.base import RankInfo
 from actors.net import free_port
-from rlhf.config import ConfigError, RoleResources, RunConfig
+from actors.policy import CriticTrainer, PolicyTrainer, StepResult
+from actors.reference import ReferenceModel
+from actors.reward import RewardModel
+from actors.rollout import RolloutGenerator
+from rlhf.config import ConfigError, RoleResources, RolloutConfig, RunConfig
+from rlhf.objectives import RefLogps
 from rlhf.placement import PlacementPlan, nodes_from_ray, plan_placement
 
 #: Ray's built-in node label (Ray >= 2.49): a bundle selecting it lands on exactly that node.
@@ -196,6 +201,18 @@ class ActorGroup(Generic[T]):
         """Each rank's Worker.perf_info (model shape and device peak), for the FLOPs model."""
         return gather(self.call(lambda a: a.perf_info.remote()))
 
+    def peak_rss_mb(self) -> list[float]:
+        """Each rank's peak resident memory (MiB)."""
+        return gather(self.call(lambda a: a.peak_rss_mb.remote()))
+
+    def per_token_forward(self, parts: list, pad_id: int, micro: int) -> list[ray.ObjectRef]:
+        """Each rank's per-token forward (Worker.per_token: the reference's log-probs, the
+        policy's, the critic's values) on its share of a rollout, given as the engines' output
+        refs `parts`: they reach the ranks unresolved, so each starts when the rollout is done,
+        with no driver round trip. Per rank, a list of micro-batch tensors."""
+        specs = [(pad_id, r, self.world_size, micro) for r in range(self.world_size)]
+        return self.call_each(lambda a, spec: a.forward_rollout.remote(spec, *parts), specs)
+
     def pids(self) -> list[int]:
         return [info["pid"] for info in gather(self.call(lambda a: a.ping.remote()))]
 
@@ -258,3 +275,103 @@ def rank0_address(placement, bundle_index: int = 0) -> str:
 def _is_local() -> bool:
     nodes = [n for n in ray.nodes() if n.get("Alive")]
     return len(nodes) <= 1
+
+
+# ----------------------------------------------------------------------------- one group per role
+#
+# Every call the loops make on an actor is a method here. `submit_*` methods and those typed
+# `-> list[ray.ObjectRef]` return futures (one per rank, unless said otherwise), so the caller
+# decides what runs concurrently; the others wait for their result.
+
+
+class TrainerGroup(ActorGroup[T]):
+    """Ranks of a DeepSpeed trainer (the policy, the critic)."""
+
+    def submit_train_step(self, per_rank: list[tuple[list, list]]) -> list[ray.ObjectRef]:
+        """One optimizer step; per rank (micro-batches, their per-batch extra input)."""
+        return self.call_each(lambda a, x: a.train_step.remote(*x), per_rank)
+
+    def submit_save(self, path: str, tag: str) -> list[ray.ObjectRef]:
+        return self.call(lambda a: a.save_checkpoint.remote(path, tag))
+
+    def submit_load(self, path: str, tag: str) -> list[ray.ObjectRef]:
+        return self.call(lambda a: a.load_checkpoint.remote(path, tag))
+
+    def save_checkpoint(self, path: str, tag: str) -> None:
+        self.gather(self.submit_save(path, tag))
+
+    def load_checkpoint(self, path: str, tag: str) -> int:
+        return self.gather(self.submit_load(path, tag))[0]
+
+
+class PolicyGroup(TrainerGroup[PolicyTrainer]):
+    def __init__(self, cfg: RunConfig, total_steps: int, placement: ClusterPlacement | None = None):
+        res = cfg.roles.policy.resources
+        super().__init__("policy", PolicyTrainer, res, cfg, total_steps, placement=placement)
+
+    def train_step(self, per_rank: list[tuple[list, list]]) -> list[StepResult]:
+        return self.gather(self.submit_train_step(per_rank))
+
+    def eval_step(self, per_rank: list[tuple[list, list]]) -> list[dict[str, float]]:
+        return self.gather(self.call_each(lambda a, x: a.eval_step.remote(*x), per_rank))
+
+    def generate(
+        self, per_rank: list, step: int | None, sampling: RolloutConfig | None = None
+    ) -> list[ray.ObjectRef]:
+        """The hybrid engine: each rank samples its prompt batch on its own weights."""
+        return self.call_each(lambda a, b: a.generate.remote(b, step, sampling), per_rank)
+
+    def export(self, out_dir: str, merge: bool) -> str:
+        return self.gather(self.call(lambda a: a.export.remote(out_dir, merge)))[0]
+
+    def parameter_digest(self) -> list[float]:
+        return self.gather(self.call(lambda a: a.parameter_digest.remote()))[0]
+
+
+class CriticGroup(TrainerGroup[CriticTrainer]):
+    def __init__(self, cfg: RunConfig, total_steps: int, placement: ClusterPlacement | None = None):
+        res = cfg.roles.critic.resources
+        super().__init__("critic", CriticTrainer, res, cfg, total_steps, placement=placement)
+
+
+class ReferenceGroup(ActorGroup[ReferenceModel]):
+    def __init__(self, cfg: RunConfig, placement: ClusterPlacement | None = None):
+        res = cfg.roles.reference.resources
+        super().__init__("reference", ReferenceModel, res, cfg, placement=placement)
+
+    def logps(self, batches: list) -> list[ray.ObjectRef]:
+        """Submit batches round-robin over the ranks; one ref per rank that got any."""
+        shards = [batches[r :: self.world_size] for r in range(self.world_size)]
+        return [a.logps.remote(s) for a, s in zip(self.actors, shards, strict=True) if s]
+
+    def collect(self, refs: list[ray.ObjectRef], n: int) -> list[RefLogps]:
+        """Undo the round-robin of `logps` for n batches."""
+        shards = self.gather(refs)
+        out: list[RefLogps | None] = [None] * n
+        for r, shard in enumerate(shards):
+            out[r :: self.world_size] = shard
+        return out  # type: ignore[return-value]
+
+
+class RolloutGroup(ActorGroup[RolloutGenerator]):
+    def __init__(self, cfg: RunConfig, placement: ClusterPlacement | None = None):
+        res = cfg.roles.rollout.resources
+        super().__init__("rollout", RolloutGenerator, res, cfg, placement=placement)
+
+    def generate(
+        self, per_engine: list, step: int | None, sampling: RolloutConfig | None = None
+    ) -> list[ray.ObjectRef]:
+        """Each engine samples its prompt batch (seeded by `step`; `sampling` overrides the
+        run's roles.rollout settings, e.g. for evaluation)."""
+        return self.call_each(lambda a, b: a.generate.remote(b, step, sampling), per_engine)
+
+
+class RewardGroup(ActorGroup[RewardModel]):
+    def __init__(self, cfg: RunConfig, placement: ClusterPlacement | None = None):
+        super().__init__(
+            "reward", RewardModel, cfg.roles.reward.resources, cfg, placement=placement
+        )
+
+    def score(self, prompts: list[str], responses: list[str]) -> ray.ObjectRef:
+        """Scores of the responses, on the first rank (one ref)."""
+        return self.actors[0].score.remote(prompts, responses)

@@ -15,37 +15,32 @@ import time
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 
-from actors.coordinator import (
-    FAULT_EXIT_AFTER_STEP,
+from actors.groups import (
+    ActorGroup,
+    CriticGroup,
     PolicyGroup,
     ReferenceGroup,
-    StepPlan,
-    init_ray,
-    write_actor_pids,
-    write_checkpoint,
-)
-from actors.group import (
-    ActorGroup,
-    ClusterPlacement,
+    RewardGroup,
+    RolloutGroup,
     SharedWeights,
+    TrainerGroup,
     WeightSync,
     gather,
     start_placement,
 )
 from actors.metrics import MetricsLogger, RolePerf
-from actors.policy import CriticTrainer
-from actors.reward import RewardModel, make_scorer
-from actors.rollout import Rollout, RolloutGenerator, merge_rollouts, rank_slices, sequences
+from actors.reward import make_scorer
+from actors.run import FAULT_EXIT_AFTER_STEP, StepPlan, init_ray, write_actor_pids, write_checkpoint
 from rlhf.advantages import RunningMeanStd
 from rlhf.config import RunConfig, dump_config
 from rlhf.data import load_datasets, make_collator
-from rlhf.experience import compute_advantages
+from rlhf.experience import compute_advantages, estimator_for
 from rlhf.flops import online_step_flops
 from rlhf.kl import logp_gap, make_kl_controller
 from rlhf.models import load_tokenizer
 from rlhf.objectives import KLPenalty
+from rlhf.rollout import Rollout, merge_rollouts, rank_slices, rollout_token_logps, sequences
 from rlhf.rundir import Claim
 from rlhf.types import Experience
 
@@ -54,31 +49,6 @@ ROLE_NAMES = ("policy", "rollout", "reward", "critic", "reference")
 
 #: Rollout seed "step" of evaluation generations (fixed: before/after use the same draws).
 EVAL_SEED_STEP = 10**6
-
-
-class CriticGroup(ActorGroup[CriticTrainer]):
-    def __init__(self, cfg: RunConfig, total_steps: int, placement: ClusterPlacement | None = None):
-        res = cfg.roles.critic.resources
-        super().__init__("critic", CriticTrainer, res, cfg, total_steps, placement=placement)
-
-
-class RolloutGroup(ActorGroup[RolloutGenerator]):
-    def __init__(self, cfg: RunConfig, placement: ClusterPlacement | None = None):
-        res = cfg.roles.rollout.resources
-        super().__init__("rollout", RolloutGenerator, res, cfg, placement=placement)
-
-
-class RewardGroup(ActorGroup[RewardModel]):
-    def __init__(self, cfg: RunConfig, placement: ClusterPlacement | None = None):
-        super().__init__(
-            "reward", RewardModel, cfg.roles.reward.resources, cfg, placement=placement
-        )
-
-
-def rollout_token_logps(r: Rollout) -> torch.Tensor:
-    """The engine's log-probs of a rollout in the [B, T-1] layout of `sequences` (0 outside
-    the responses)."""
-    return F.pad(r.logps.float(), (r.prompt_ids.shape[1] - 1, 0))
 
 
 def print_before_after(report: dict) -> None:
@@ -175,6 +145,8 @@ class OnlineRun:
         self.updates = self.plan.total_steps * cfg.ppo.ppo_epochs * cfg.ppo.num_mini_batches
         self.kl = make_kl_controller(cfg.ppo.kl_coef, cfg.ppo.kl_target, cfg.ppo.kl_horizon)
         self.normalizer = RunningMeanStd() if cfg.roles.reward.normalize else None
+        # The advantage estimator, chosen once (ppo.estimator).
+        self.estimator = estimator_for(cfg.ppo)
         self.critic: CriticGroup | None = None
         self.reward: RewardGroup | None = None
         self.scorer = None  # the reward source when it runs in the driver (reward.run_in)
@@ -213,9 +185,9 @@ class OnlineRun:
         path = self.out / "checkpoints" / f"step_{step}"
 
         def save_actors():
-            refs = self.policy.call(lambda a: a.save_checkpoint.remote(str(path), "policy"))
+            refs = self.policy.submit_save(str(path), "policy")
             if self.critic is not None:
-                refs += self.critic.call(lambda a: a.save_checkpoint.remote(str(path), "critic"))
+                refs += self.critic.submit_save(str(path), "critic")
             gather(refs)
 
         state = {
@@ -229,9 +201,9 @@ class OnlineRun:
         path = self.claim.resume_from
         if path is None:
             return 0
-        refs = self.policy.call(lambda a: a.load_checkpoint.remote(str(path), "policy"))
+        refs = self.policy.submit_load(str(path), "policy")
         if self.critic is not None:
-            refs += self.critic.call(lambda a: a.load_checkpoint.remote(str(path), "critic"))
+            refs += self.critic.submit_load(str(path), "critic")
         gather(refs)
         state = json.loads((path / "trainer_state.json").read_text())
         self.kl.load_state_dict(state["kl"])
@@ -251,7 +223,7 @@ class OnlineRun:
         engines = self.rollout.world_size
         shards = [indices[e::engines] for e in range(engines)]
         batches = [self.collate([self.prompts[i] for i in s]) for s in shards]
-        return self.rollout.call_each(lambda a, b: a.generate.remote(b, step), batches)
+        return self.rollout.generate(batches, step)
 
     def collect_rollout(self, refs: list) -> Rollout:
         return merge_rollouts(self.rollout.gather(refs), self.tokenizer.pad_token_id)
@@ -263,20 +235,14 @@ class OnlineRun:
         is done, while the driver still collects, decodes and scores it."""
         micro, pad_id = self.cfg.train.micro_batch_size, self.tokenizer.pad_token_id
 
-        def on(group: ActorGroup | None, method: str):
-            if group is None:
-                return None
-            world = group.world_size
-            specs = [(pad_id, r, world, micro) for r in range(world)]
-            return group.call_each(
-                lambda a, spec: a.forward_rollout.remote(method, spec, *parts), specs
-            )
+        def on(group: ActorGroup | None):
+            return None if group is None else group.per_token_forward(parts, pad_id, micro)
 
         recompute = self.old_logps_source == "recompute"
         return {
-            "reference": on(self.reference, "token_logps"),
-            "old": on(self.policy, "forward") if recompute else None,
-            "values": on(self.critic, "forward"),
+            "reference": on(self.reference),
+            "old": on(self.policy) if recompute else None,
+            "values": on(self.critic),
         }
 
     def start_rollout(self, step: int) -> tuple[list, dict[str, list | None]]:
@@ -299,11 +265,7 @@ class OnlineRun:
         ]
         s = self.cfg.roles.rollout
         sampling = s.model_copy(update={"n_samples_per_prompt": s.eval_samples_per_prompt})
-        parts = gather(
-            self.rollout.call_each(
-                lambda a, b: a.generate.remote(b, EVAL_SEED_STEP, sampling), batches
-            )
-        )
+        parts = gather(self.rollout.generate(batches, EVAL_SEED_STEP, sampling))
         r = merge_rollouts(parts, self.tokenizer.pad_token_id)
         prompts = [self.eval_prompts[int(i)].prompt_text for i in r.prompt_index]
         responses = self._decode(r)
@@ -324,7 +286,7 @@ class OnlineRun:
         driver (a tensor): call it after the actors' work is submitted, so that both overlap."""
         if self.scorer is not None:
             return self.scorer(prompts, responses)
-        return self.reward.actors[0].score.remote(prompts, responses)
+        return self.reward.score(prompts, responses)
 
     @staticmethod
     def fetch_scores(handle) -> torch.Tensor:
@@ -388,6 +350,7 @@ class OnlineRun:
             has_eos,
             coef,
             self.normalizer,
+            self.estimator,
         )
         adv.metrics["kl/coef"] = self.kl.value
         adv.metrics.update(gap)
@@ -441,7 +404,7 @@ class OnlineRun:
     def train_on(self, exp: Experience, step: int) -> dict[str, float]:
         return self.collect_updates(self.submit_updates(exp, step))
 
-    def _update(self, group: ActorGroup, mini: Experience, kl: tuple | None = None) -> list:
+    def _update(self, group: TrainerGroup, mini: Experience, kl: tuple | None = None) -> list:
         """One update of the group on a mini-batch, split over its ranks in micro-batches.
         kl = (β, reference refs, the mini-batch's rows in the rollout) for the KL in the loss:
         each micro-batch then gets a KLPenalty whose log-probs the trainer fetches itself."""
@@ -455,7 +418,7 @@ class OnlineRun:
                 coef, ref_refs, rows = kl
                 extra = [KLPenalty(coef, DeferredRows(ref_refs, rows[s])) for s in chunks]
             work.append((batches, extra))
-        return group.call_each(lambda a, x: a.train_step.remote(*x), work)
+        return group.submit_train_step(work)
 
     def utilisation(self, r: Rollout, step_s: float, train_s: float) -> dict[str, float]:
         """perf/<role>/tflops and /mfu over the step, and the policy's MFU over the update
@@ -586,10 +549,7 @@ class OnlineRun:
 
     def memory(self) -> dict[str, list[float]]:
         """Peak RSS (MiB) of each actor process, per role."""
-        return {
-            name: group.gather(group.call(lambda a: a.peak_rss_mb.remote()))
-            for name, group in self.groups().items()
-        }
+        return {name: group.peak_rss_mb() for name, group in self.groups().items()}
 
     def shutdown(self) -> None:
         for group in self.groups().values():

@@ -1,0 +1,90 @@
+"""Rollouts as data: the engines' output for a prompt batch, and the pure helpers that merge
+them, lay them out as sequences and cut them into each rank's micro-batches. Used by the
+engines (actors.rollout, actors.rollout_vllm), by every role's per-token forward and by the
+online loop; nothing here talks to an actor."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from rlhf.data.collate import pad
+
+
+@dataclass(frozen=True)
+class Rollout:
+    """Responses for a prompt batch, n samples per prompt adjacent (prompt i -> rows i*n..i*n+n-1).
+
+    prompt_ids: [B*n, P] left-padded; response_ids: [B*n, R] right-padded with pad_id;
+    response_mask: [B*n, R]; logps: [B*n, R] (0 outside the mask); finish: "stop" | "length";
+    prompt_index: [B*n] dataset index of each row's prompt.
+    """
+
+    prompt_ids: torch.Tensor
+    prompt_mask: torch.Tensor
+    response_ids: torch.Tensor
+    response_mask: torch.Tensor
+    logps: torch.Tensor
+    finish: list[str]
+    prompt_index: torch.Tensor
+
+
+def merge_rollouts(parts: list[Rollout], pad_id: int) -> Rollout:
+    """Concatenate rollouts of several engines (prompt widths left-aligned to the widest)."""
+    if len(parts) == 1:
+        return parts[0]
+
+    def left(rows: list[torch.Tensor], value) -> torch.Tensor:
+        return pad([r.tolist() for t in rows for r in t], value, left=True, dtype=rows[0].dtype)
+
+    def right(rows: list[torch.Tensor], value) -> torch.Tensor:
+        return pad([r.tolist() for t in rows for r in t], value, dtype=rows[0].dtype)
+
+    return Rollout(
+        left([p.prompt_ids for p in parts], pad_id),
+        left([p.prompt_mask for p in parts], False),
+        right([p.response_ids for p in parts], pad_id),
+        right([p.response_mask for p in parts], False),
+        right([p.logps for p in parts], 0.0),
+        [f for p in parts for f in p.finish],
+        torch.cat([p.prompt_index for p in parts]),
+    )
+
+
+def sequences(r: Rollout) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(input_ids, attention_mask) [B, T] and the action mask [B, T-1] of a rollout."""
+    ids = torch.cat([r.prompt_ids, r.response_ids], dim=1)
+    attention = torch.cat([r.prompt_mask, r.response_mask], dim=1)
+    action = torch.zeros(ids.shape[0], ids.shape[1] - 1, dtype=torch.bool)
+    width = r.prompt_ids.shape[1]
+    action[:, width - 1 : width - 1 + r.response_ids.shape[1]] = r.response_mask
+    return ids, attention, action
+
+
+def rank_slices(rows: int, rank: int, world: int, micro: int) -> list[slice]:
+    """Rank `rank`'s share of `rows` rows split evenly over `world` ranks, as micro-batches of
+    at most `micro` rows (slices of the whole batch). The updates and make_experience's
+    forwards split the same way."""
+    per = rows // world
+    lo = rank * per
+    return [slice(lo + i, lo + min(i + micro, per)) for i in range(0, per, micro)]
+
+
+def experience_inputs(
+    parts: tuple[Rollout, ...], pad_id: int, rank: int, world: int, micro: int
+) -> tuple[list[tuple[torch.Tensor, torch.Tensor]], int]:
+    """What a rank's per-token forward of make_experience takes, built from the engines'
+    outputs themselves: its micro-batches of the merged sequences, and the first response
+    column (log-probs are needed from there on)."""
+    r = merge_rollouts(list(parts), pad_id)
+    ids, attention, _ = sequences(r)
+    chunks = rank_slices(ids.shape[0], rank, world, micro)
+    return [(ids[c], attention[c]) for c in chunks], r.prompt_ids.shape[1] - 1
+
+
+def rollout_token_logps(r: Rollout) -> torch.Tensor:
+    """The engine's log-probs of a rollout in the [B, T-1] layout of `sequences` (0 outside
+    the responses)."""
+    return F.pad(r.logps.float(), (r.prompt_ids.shape[1] - 1, 0))
