@@ -183,3 +183,14 @@ def _label(key: str) -> str:
 
 def _clean(v: float) -> float | str:
     return v if math.isfinite(v) else str(v)
+
+
+def reduce_metrics(rows: list[dict[str, float]]) -> dict[str, float]:
+    """Many micro-batches', updates' or ranks' metrics as one row: the mean of each key over
+    the rows that have it, except keys ending in `_max`, which keep their maximum."""
+    keys = {k for r in rows for k in r}
+    out = {}
+    for k in sorted(keys):
+        values = [r[k] for r in rows if k in r]
+        out[k] = max(values) if k.endswith("_max") else sum(values) / len(values)
+    return out

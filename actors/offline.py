@@ -15,14 +15,13 @@ import time
 from pathlib import Path
 
 from actors.groups import PolicyGroup, ReferenceGroup, start_placement
-from actors.metrics import MetricsLogger, RolePerf
+from actors.metrics import MetricsLogger, RolePerf, reduce_metrics
 from actors.policy import StepResult
 from actors.refcache import ReferenceCache
 from actors.run import (
     FAULT_EXIT_AFTER_STEP,
     StepPlan,
     init_ray,
-    mean_rows,
     write_actor_pids,
     write_checkpoint,
 )
@@ -230,7 +229,7 @@ class OfflineRun:
         self, step: int, results: list[StepResult], logger: MetricsLogger, samples: int
     ) -> dict[str, float]:
         cfg = self.cfg
-        metrics = mean_rows([r.metrics for r in results])
+        metrics = reduce_metrics([r.metrics for r in results])
         flops = self.step_flops.pop(step, {})
         metrics.update(self.perf.metrics(flops, metrics.get("timing/step", 0.0)))
         skipped = results[0].skipped

@@ -23,7 +23,8 @@ import torch
 import torch.distributed as dist
 
 from actors.base import RankInfo, Worker
-from actors.rollout import HFBackend, Rollout, SeededSampler
+from actors.metrics import reduce_metrics
+from actors.rollout import HFBackend, SeededSampler
 from actors.weight_sync import BucketSender, lora_delta, merged_named_weights, open_group
 from rlhf.config import RolloutConfig, RunConfig, TrainConfig
 from rlhf.logs import warn_once
@@ -39,6 +40,7 @@ from rlhf.objectives import (
 )
 from rlhf.optim import make_scheduler
 from rlhf.precision import Precision, model_width, resolve_precision
+from rlhf.rollout import Rollout
 
 log = logging.getLogger(__name__)
 
@@ -191,6 +193,8 @@ class DeepSpeedTrainer(Worker):
             # every gradient, reduces over a 1-process group and copies back (~20% of a
             # SmolLM2 step on CPU).
             self.engine.enable_backward_allreduce = False
+        # The algorithm's loss, chosen once (rlhf.objectives.OBJECTIVES).
+        self.objective = objective_for(cfg, self.role)
         self.steps_done = 0
         self._nan_steps = {
             int(s) for s in os.environ.get(FAULT_NAN_STEPS, "").split(",") if s.strip()
@@ -211,8 +215,7 @@ class DeepSpeedTrainer(Worker):
     def train_step(self, micro_batches: list, refs: list[RefLogps | None]) -> StepResult:
         """One optimizer step over this rank's micro-batches (gradient accumulation)."""
         self.engine.train()
-        objective = objective_for(self.cfg, self.role)
-        sums: dict[str, float] = {}
+        rows: list[dict[str, float]] = []
         bad_indices: list[int] = []
         step_bad = False
         inject = (self.steps_done + 1) in self._nan_steps
@@ -221,7 +224,7 @@ class DeepSpeedTrainer(Worker):
             batch = batch.to(self.device)
             ref = _ref_to(ref, self.device)
             with self.precision.compute():
-                loss, metrics = objective(self.engine, batch, ref, self.cfg)
+                loss, metrics = self.objective(self.engine, batch, ref, self.cfg)
             if inject:
                 loss = loss * float("nan")
             if not torch.isfinite(loss):
@@ -232,10 +235,9 @@ class DeepSpeedTrainer(Worker):
             # Backward even for a bad loss: every rank must join the same collectives.
             self.engine.backward(loss)
             self.engine.step()
-            for k, v in {"loss": loss.detach(), **metrics}.items():
-                sums[k] = sums.get(k, 0.0) + float(v)
+            rows.append({k: float(v) for k, v in {"loss": loss.detach(), **metrics}.items()})
         self.steps_done += 1
-        out = {k: v / len(micro_batches) for k, v in sums.items()}
+        out = reduce_metrics(rows)
         out["lr"] = lr
         norm = self.engine.get_global_grad_norm()
         if norm is not None and not step_bad:
@@ -250,7 +252,7 @@ class DeepSpeedTrainer(Worker):
             for batch, ref in zip(micro_batches, refs, strict=True)
         )
         with self.precision.compute():
-            return metric_sums(objective_for(self.cfg, self.role), self.engine, pairs, self.cfg)
+            return metric_sums(self.objective, self.engine, pairs, self.cfg)
 
     @torch.no_grad()
     def forward(

@@ -166,13 +166,6 @@ def _loopback_only() -> None:
     ray_constants.ENABLE_RAY_CLUSTER = False
 
 
-def mean_rows(rows: list[dict[str, float]]) -> dict[str, float]:
-    keys = {k for r in rows for k in r}
-    return {
-        k: sum(r[k] for r in rows if k in r) / sum(1 for r in rows if k in r) for k in sorted(keys)
-    }
-
-
 def write_checkpoint(
     cfg: RunConfig, claim: Claim, path: Path, save_actors: Callable[[], object], state: dict
 ) -> Path:

@@ -56,6 +56,20 @@ def last_with(rows: list[dict], key: str) -> dict:
     return [r for r in rows if key in r][-1]
 
 
+def test_metrics_of_micro_batches_reduce_to_means_and_maxima():
+    """Micro-batches', updates' and ranks' metrics become one row: means, except *_max keys,
+    whose maximum survives (a mean of maxima would hide the worst token)."""
+    from actors.metrics import reduce_metrics
+
+    rows = [
+        {"loss": 0.1, "rollout/logp_gap_max": 0.7},
+        {"loss": 0.7, "rollout/logp_gap_max": 0.1, "grad_norm": 3.0},
+    ]
+    out = reduce_metrics(rows)
+    assert out == {"grad_norm": 3.0, "loss": (0.1 + 0.7) / 2, "rollout/logp_gap_max": 0.7}
+    assert reduce_metrics([]) == {}
+
+
 @pytest.mark.parametrize("stage", [2, 3])
 def test_dpo_two_ranks_learns_held_out_preferences(stage, tmp_path):
     out = tmp_path / f"dpo_z{stage}"
