@@ -29,7 +29,7 @@ from actors.groups import (
     gather,
     start_placement,
 )
-from actors.metrics import MetricsLogger, RolePerf
+from actors.metrics import MetricsLogger, RolePerf, reduce_metrics
 from actors.reward import make_scorer
 from actors.run import FAULT_EXIT_AFTER_STEP, StepPlan, init_ray, write_actor_pids, write_checkpoint
 from rlhf.advantages import RunningMeanStd
@@ -333,9 +333,17 @@ class OnlineRun:
         ref = None if self.kl_in_loss else _rows(ref_refs)
         old, values = _rows(old_refs), _rows(value_refs)
         engine = rollout_token_logps(r)
-        gap = logp_gap(old, engine, action) if old is not None else {}
         if self.old_logps_source == "rollout":
             old = engine
+        # π_old is the update's own forward when each row meets one update (or none was run).
+        own_old = self.single_update or old is None
+        # The updates get the engine's log-probs to correct for them (ppo.off_policy_correction)
+        # or, with π_old their own forward, to measure the gap; else it is measured here.
+        to_update = self.cfg.ppo.off_policy_correction != "none" or (
+            self.single_update and old is None
+        )
+        measured_here = self.old_logps_source == "recompute" and not (own_old and to_update)
+        gap = logp_gap(old, engine, action) if old is not None and measured_here else {}
         scores = self.fetch_scores(scores)
         has_eos = torch.tensor([f == "stop" for f in r.finish])
         zeros = torch.zeros(action.shape)
@@ -358,13 +366,12 @@ class OnlineRun:
             ids,
             attention,
             action,
-            None if self.single_update or old is None else old * action,
+            None if own_old else old * action,
             adv.advantages,
             adv.returns,
             (values * action) if values is not None else zeros,
             r.prompt_index,
-            # The update then measures the gap itself (π_old is its own forward).
-            engine if self.single_update and old is None else None,
+            engine if to_update else None,
         )
         self.samples = list(zip(prompt_text, responses, scores.tolist(), strict=True))
         return exp, adv.metrics
@@ -392,14 +399,18 @@ class OnlineRun:
 
     @staticmethod
     def collect_updates(refs: dict[str, list]) -> dict[str, float]:
-        """Mean of every update's metrics (policy/* and value/* keep their names)."""
-        sums: dict[str, list[float]] = {}
+        """Every update's metrics as one row (reduce_metrics: means, and maxima of *_max);
+        policy/*, value/* and rollout/* keep their names, the rest get the role's prefix."""
+        rows = []
         for role, role_refs in refs.items():
             for result in gather(role_refs):
-                for k, v in result.metrics.items():
-                    key = k if k.startswith(("policy/", "value/", "rollout/")) else f"{role}/{k}"
-                    sums.setdefault(key, []).append(v)
-        return {k: sum(v) / len(v) for k, v in sums.items()}
+                rows.append(
+                    {
+                        k if k.startswith(("policy/", "value/", "rollout/")) else f"{role}/{k}": v
+                        for k, v in result.metrics.items()
+                    }
+                )
+        return reduce_metrics(rows)
 
     def train_on(self, exp: Experience, step: int) -> dict[str, float]:
         return self.collect_updates(self.submit_updates(exp, step))

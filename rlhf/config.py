@@ -254,6 +254,10 @@ class PPOConfig(_Section):
     """Optimizer steps per PPO epoch: the rollout batch is cut into this many mini-batches."""
     old_logps: Literal["recompute", "rollout"] = "recompute"
     """π_old of the ratio and of a KL in the reward. recompute: a policy forward after each rollout. rollout: the log-probs the rollout engine returned, no forward; the same numbers on the HF backend at the trainer's precision (fp32: within 1e-5), but a vLLM or bf16 engine's numerics differ from the trainer's."""
+    off_policy_correction: Literal["none", "tis", "mis"] = "none"
+    """Correct for the engine that sampled (the behaviour policy) computing other log-probs than the trainer's π_old (vLLM kernels, bf16), per token, with w = π_old / π_behaviour (a constant). tis: truncated importance sampling, the policy loss weighted by min(w, off_policy_cap) (Yao et al. 2025). mis: masked importance sampling, tokens with w outside [1/cap, cap] are left out of the policy loss. none: no correction (the gap is still logged, rollout/logp_gap_*)."""
+    off_policy_cap: float = Field(2.0, gt=1)
+    """C of off_policy_correction: the truncation of tis, the band [1/C, C] of mis."""
 
 
 # --------------------------------------------------------------------------- roles
@@ -649,6 +653,12 @@ def _combination_problems(cfg: RunConfig):
         yield (
             f"train.global_batch_size={train.global_batch_size} is not divisible by train.micro_batch_size "
             f"({train.micro_batch_size}) x policy ranks ({roles.policy.resources.world_size}) = {per_step}"
+        )
+    if algo == "ppo" and cfg.ppo.off_policy_correction != "none" and cfg.ppo.old_logps == "rollout":
+        yield (
+            f"ppo.off_policy_correction={cfg.ppo.off_policy_correction} weighs the trainer's π_old "
+            "against the engine's log-probs, but ppo.old_logps=rollout makes π_old the engine's "
+            "own (every weight would be 1): set ppo.old_logps=recompute"
         )
     if algo == "ppo" and roles.rollout.hybrid:
         if roles.rollout.backend == "vllm":

@@ -26,6 +26,7 @@ from rlhf.losses import (
     entropy_loss,
     kl_penalty_loss,
     kto_loss,
+    off_policy_weights,
     orpo_loss,
     policy_loss,
     preference_loss,
@@ -245,16 +246,29 @@ def ppo_policy_objective(
     logits = causal_logits(model, exp.input_ids, exp.attention_mask, start)
     logps = logps_from(logits, exp.input_ids, start)
     old = logps.detach() if exp.old_logps is None else exp.old_logps
+    weights, counted, correction = None, exp.action_mask, {}
+    if p.off_policy_correction != "none":
+        if exp.rollout_logps is None:
+            raise ValueError("ppo.off_policy_correction needs the engine's log-probs")
+        weights, counted, correction = off_policy_weights(
+            old,
+            exp.rollout_logps,
+            exp.action_mask,
+            mode=p.off_policy_correction,
+            cap=p.off_policy_cap,
+        )
     loss, metrics = policy_loss(
         logps,
         old,
         exp.advantages,
-        exp.action_mask,
+        counted,
         clip_eps=p.clip_eps,
         clip_eps_high=p.clip_eps_high,
         dual_clip=p.dual_clip,
         aggregation=p.aggregation,
+        is_weights=weights,
     )
+    metrics.update(correction)
     with torch.set_grad_enabled(p.entropy_coef > 0):
         acting = exp.action_mask.bool()
         entropy = torch.zeros(acting.shape, dtype=torch.float32, device=logits.device)
@@ -267,9 +281,8 @@ def ppo_policy_objective(
     metrics.update(entropy_metrics)
     if exp.old_logps is None and exp.rollout_logps is not None:
         # π_old is this forward itself: its gap to the engine's numbers, at the same weights.
-        # (A max is not kept: the trainer averages metrics over micro-batches.)
-        gap = logp_gap(old, exp.rollout_logps, exp.action_mask)
-        metrics.update({k: v for k, v in gap.items() if not k.endswith("_max")})
+        # (The trainer averages metrics over micro-batches, and keeps the maximum of *_max.)
+        metrics.update(logp_gap(old, exp.rollout_logps, exp.action_mask))
     if ref is not None:  # fetched only now: the reference forward overlapped ours
         kl, kl_metrics = kl_penalty_loss(
             logps,

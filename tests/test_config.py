@@ -111,6 +111,17 @@ PPO = ["algorithm=ppo", "roles.reward.type=function", "roles.reward.function=m:f
             "n_samples_per_prompt >= 2",
         ),
         (
+            [
+                "algorithm=ppo",
+                "roles.reward.type=function",
+                "roles.reward.function=m:f",
+                "ppo.off_policy_correction=tis",
+                "ppo.old_logps=rollout",
+            ],
+            "set ppo.old_logps=recompute",
+        ),
+        (["ppo.off_policy_cap=1"], "ppo.off_policy_cap: Input should be greater than 1"),
+        (
             ["train.global_batch_size=10"],
             "train.global_batch_size=10 is not divisible by train.micro_batch_size (4)",
         ),

@@ -7,7 +7,13 @@ import math
 import pytest
 import torch
 
-from rlhf.losses.ppo import entropy_loss, kl_penalty_loss, policy_loss, value_loss
+from rlhf.losses.ppo import (
+    entropy_loss,
+    kl_penalty_loss,
+    off_policy_weights,
+    policy_loss,
+    value_loss,
+)
 from rlhf.losses.reward import bradley_terry_loss, classification_loss
 from rlhf.losses.sft import sft_loss
 from tests.tensors import F64, assert_close, gen, random_mask
@@ -235,6 +241,109 @@ def test_policy_loss_masked_garbage_and_single_token():
         logps[:1, :1], old[:1, :1], adv[:1, :1], one[:, :1], 0.2, 0.2, None, "seq_mean"
     )
     assert_close(loss, want)
+
+
+# ---------------------------------------------------------------------------------------------
+# off-policy correction (truncated / masked importance sampling)
+# ---------------------------------------------------------------------------------------------
+
+
+def ref_correction(old, behaviour, mask, mode, cap):
+    """w = π_old / π_b per token; tis: min(w, C) on every response token; mis: tokens with
+    w outside [1/C, C] leave the loss (weight 1 for the rest)."""
+    Old, B, M = (t.double().tolist() for t in (old, behaviour, mask))
+    weights, keep, ws, hits = [], [], [], []
+    for orow, brow, mrow in zip(Old, B, M, strict=True):
+        wr, kr = [], []
+        for o, b, m in zip(orow, brow, mrow, strict=True):
+            w = math.exp(min(max(o - b, -20.0), 20.0))
+            if m:
+                ws.append(w)
+            if mode == "tis":
+                wr.append(min(w, cap))
+                kr.append(bool(m))
+                hits.append(m and w > cap)
+            else:
+                inside = 1.0 / cap <= w <= cap
+                wr.append(1.0)
+                kr.append(bool(m) and inside)
+                hits.append(m and not inside)
+        weights.append(wr)
+        keep.append(kr)
+    n = sum(1 for row in M for m in row if m)
+    frac = sum(hits) / n if n else 0.0
+    key = "rollout/is_capped_frac" if mode == "tis" else "rollout/is_masked_frac"
+    metrics = {
+        "rollout/is_weight_mean": sum(ws) / n if n else 0.0,
+        "rollout/is_weight_max": max(ws) if ws else 0.0,
+        key: frac,
+    }
+    return weights, keep, metrics
+
+
+def test_off_policy_weights_by_hand():
+    # w = π_old / π_b = 0.1, 0.7, 1.0, 2.5 on the response, 9.0 on a padded token (ignored).
+    w = torch.tensor([[0.1, 0.7, 1.0, 2.5, 9.0]], dtype=torch.float64)
+    behaviour = torch.tensor([[-1.3, -0.2, -2.0, -0.9, -0.5]], dtype=torch.float64)
+    old = (behaviour + w.log()).float()
+    mask = torch.tensor([[True, True, True, True, False]])
+    weights, keep, m = off_policy_weights(old, behaviour.float(), mask, mode="tis", cap=2.0)
+    assert_close(weights[0, :4], torch.tensor([0.1, 0.7, 1.0, 2.0]), rtol=1e-6)
+    assert torch.equal(keep, mask)
+    assert_close(m["rollout/is_weight_mean"], (0.1 + 0.7 + 1.0 + 2.5) / 4, rtol=1e-6)
+    assert_close(m["rollout/is_weight_max"], 2.5, rtol=1e-6)
+    assert m["rollout/is_capped_frac"].item() == 0.25
+    weights, keep, m = off_policy_weights(old, behaviour.float(), mask, mode="mis", cap=2.0)
+    assert weights is None
+    # 0.1 < 1/2 and 2.5 > 2 leave the loss; 0.7 and 1.0 stay.
+    assert keep.tolist() == [[False, True, True, False, False]]
+    assert m["rollout/is_masked_frac"].item() == 0.5
+
+
+@pytest.mark.parametrize("mode", ["tis", "mis"])
+@pytest.mark.parametrize("agg", MODES)
+def test_off_policy_corrected_loss_matches_reference(mode, agg):
+    """The corrected policy loss on random tensors (an empty response included) against the
+    plain-Python reference: the surrogate per token, times min(w, C) (tis) or over the tokens
+    inside the band (mis), then aggregated."""
+    logps, old, adv, mask = ppo_inputs(5, 7, seed=11)
+    behaviour = old + torch.randn(5, 7, generator=gen(12)) * 0.8  # w spread around 1
+    weights, keep, m = off_policy_weights(old, behaviour, mask, mode=mode, cap=1.5)
+    loss, _ = policy_loss(logps, old, adv, keep, is_weights=weights, aggregation=agg)
+    want_w, want_keep, want_m = ref_correction(old, behaviour, mask, mode, 1.5)
+    assert keep.tolist() == want_keep
+    for key, value in want_m.items():
+        assert_close(m[key], value, rtol=1e-5)
+    assert 0 < want_m[next(k for k in want_m if k.endswith("_frac"))] < 1  # both branches
+    # The reference surrogate per token, weighted, aggregated over the kept tokens.
+    per_tok = []
+    for r in range(5):
+        row = []
+        for t in range(7):
+            rho = math.exp(min(max(logps[r, t].item() - old[r, t].item(), -20.0), 20.0))
+            a = adv[r, t].item()
+            v = max(-a * rho, -a * min(max(rho, 0.8), 1.2))
+            row.append(v * want_w[r][t])
+        per_tok.append(row)
+    assert_close(loss, ref_aggregate(per_tok, want_keep, agg), rtol=1e-5)
+
+
+def test_off_policy_weights_are_one_when_the_engine_agrees_and_empty_is_zero():
+    logps, old, adv, mask = ppo_inputs(4, 6, seed=13)
+    for mode in ("tis", "mis"):
+        weights, keep, m = off_policy_weights(old, old.clone(), mask, mode=mode)
+        assert torch.equal(keep, mask)
+        assert m["rollout/is_weight_mean"].item() == 1.0 and m["rollout/is_weight_max"] == 1.0
+        assert all(v.item() == 0.0 for k, v in m.items() if k.endswith("_frac"))
+        corrected, _ = policy_loss(logps, old, adv, keep, is_weights=weights)
+        assert corrected.item() == policy_loss(logps, old, adv, mask)[0].item()
+    none = torch.zeros(2, 3, dtype=torch.bool)
+    _, keep, m = off_policy_weights(old[:2, :3], old[:2, :3] - 5, none, mode="tis")
+    assert not keep.any() and all(v.item() == 0.0 for v in m.values())
+    with pytest.raises(ValueError, match="off_policy_cap"):
+        off_policy_weights(old, old, mask, mode="tis", cap=1.0)
+    with pytest.raises(ValueError, match="tis or mis"):
+        off_policy_weights(old, old, mask, mode="none")
 
 
 @pytest.mark.parametrize("gap", [1e4, -1e4])

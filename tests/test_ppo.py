@@ -220,6 +220,38 @@ def test_hybrid_engine_matches_separate_engines_on_two_ranks(sft_model, tmp_path
     assert not set(separate_pids["rollout"]) & set(separate_pids["policy"])
 
 
+@pytest.mark.parametrize(
+    ("correction", "ppo"),
+    [
+        # π_old recomputed in make_experience, two updates per batch: the weights are formed
+        # from the recomputed π_old.
+        ("tis", {"kl_penalty": "reward", "ppo_epochs": 2}),
+        # One update per batch, KL in the loss: π_old is the update's own forward.
+        ("mis", {"kl_penalty": "loss", "kl_estimator": "k3", "ppo_epochs": 1}),
+    ],
+    ids=["tis-recomputed", "mis-own-forward"],
+)
+def test_off_policy_correction_is_the_identity_when_the_engine_agrees(
+    sft_model, tmp_path, correction, ppo
+):
+    """An fp32 HF engine computes the trainer's log-probs: every importance weight is 1, none
+    is capped or masked, and the gap metrics (max included) are 0 within 1e-5."""
+    rlhf_train(
+        critic_free_config(tmp_path, sft_model, estimator="grpo", **ppo),
+        "train.max_steps=3",
+        f"ppo.off_policy_correction={correction}",
+        "ppo.off_policy_cap=1.001",
+    )
+    r = rows(tmp_path)
+    frac = "rollout/is_capped_frac" if correction == "tis" else "rollout/is_masked_frac"
+    assert len(r) == 3
+    for x in r:
+        assert x["rollout/is_weight_mean"] == pytest.approx(1.0, abs=1e-5)
+        assert x["rollout/is_weight_max"] == pytest.approx(1.0, abs=1e-4)
+        assert x[frac] == 0.0
+        assert x["rollout/logp_gap_mean"] < 1e-5 and x["rollout/logp_gap_max"] < 1e-4
+
+
 def test_grpo_learns_in_bf16_and_reports_the_engine_gap(sft_model, tmp_path):
     """The tiny reward task in bf16: autocast trainer, bf16 reference and engine weights. The
     engine's log-probs now differ from the trainer's, and the gap is logged every step."""

@@ -1,6 +1,12 @@
 """Pure loss functions: each returns `(loss, metrics)` with metric keys `role/name`."""
 
-from rlhf.losses.ppo import entropy_loss, kl_penalty_loss, policy_loss, value_loss
+from rlhf.losses.ppo import (
+    entropy_loss,
+    kl_penalty_loss,
+    off_policy_weights,
+    policy_loss,
+    value_loss,
+)
 from rlhf.losses.preference import (
     LENGTH_NORMALISED,
     PAIRED_LOSSES,
@@ -21,6 +27,7 @@ __all__ = [
     "entropy_loss",
     "kl_penalty_loss",
     "kto_loss",
+    "off_policy_weights",
     "orpo_loss",
     "policy_loss",
     "preference_loss",

@@ -24,12 +24,14 @@ def policy_loss(
     clip_eps_high: float | None = None,
     dual_clip: float | None = None,
     aggregation: Aggregation = "token_mean",
+    is_weights: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, Metrics]:
     """Clipped surrogate, Schulman et al. 2017 eq. 7, as a loss to minimise.
 
     L = max(-A ρ, -A clip(ρ, 1-ε, 1+ε_high)), ρ = exp(log π - log π_old). `clip_eps_high`
     allows the asymmetric clip of DAPO (defaults to ε). `dual_clip` = c > 1 bounds the loss
-    for negative advantages by -c A (Ye et al. 2020, eq. 5).
+    for negative advantages by -c A (Ye et al. 2020, eq. 5). `is_weights` (constants, see
+    off_policy_weights) multiply each token's loss before the aggregation.
     """
     high = clip_eps if clip_eps_high is None else clip_eps_high
     log_ratio = (logps.float() - old_logps.float()).clamp(-20.0, 20.0)
@@ -52,9 +54,51 @@ def policy_loss(
         dual = (advantages < 0) & (loss > bound)
         loss = torch.where(advantages < 0, torch.minimum(loss, bound), loss)
         metrics["policy/dual_clipfrac"] = masked_mean(dual.float(), mask)
+    if is_weights is not None:
+        loss = loss * is_weights.detach().float()
     loss = aggregate(loss, mask, aggregation)
     metrics["policy/loss"] = loss.detach()
     return loss, metrics
+
+
+def off_policy_weights(
+    old_logps: torch.Tensor,
+    behaviour_logps: torch.Tensor,
+    response_mask: torch.Tensor,
+    *,
+    mode: str,
+    cap: float = 2.0,
+) -> tuple[torch.Tensor | None, torch.Tensor, Metrics]:
+    """Per-token correction for sampling by a behaviour policy π_b (the rollout engine) whose
+    log-probs differ from the trainer's π_old at the same weights (vLLM kernels, bf16, a stale
+    engine). w = π_old / π_b per token, a constant (no gradient flows through it).
+
+    tis: truncated importance sampling, each token's policy loss weighted by min(w, C) (Yao et
+    al. 2025, "Your efficient RL framework secretly brings you off-policy RL training"; Ionides
+    2008 for the truncation). mis: masked importance sampling, tokens with w outside [1/C, C]
+    leave the loss, the rest keep weight 1 (veRL's token-level "mask" mode).
+
+    Returns (the weights, or None for mis; the mask of the tokens that stay in the loss;
+    metrics: rollout/is_weight_mean and rollout/is_weight_max of w over the response tokens,
+    and rollout/is_capped_frac (tis) or rollout/is_masked_frac (mis)).
+    """
+    if cap <= 1.0:
+        raise ValueError(f"off_policy_cap must be > 1, got {cap}")
+    mask = response_mask.bool()
+    log_w = (old_logps.detach().float() - behaviour_logps.detach().float()).clamp(-20.0, 20.0)
+    w = torch.where(mask, torch.exp(log_w), 1.0)
+    metrics: Metrics = {
+        "rollout/is_weight_mean": masked_mean(w, mask),
+        "rollout/is_weight_max": w[mask].max() if bool(mask.any()) else torch.zeros(()),
+    }
+    if mode == "tis":
+        metrics["rollout/is_capped_frac"] = masked_mean((w > cap).float(), mask)
+        return w.clamp(max=cap), mask, metrics
+    if mode == "mis":
+        keep = mask & (w >= 1.0 / cap) & (w <= cap)
+        metrics["rollout/is_masked_frac"] = masked_mean((mask & ~keep).float(), mask)
+        return None, keep, metrics
+    raise ValueError(f"unknown off-policy correction {mode!r}: use tis or mis")
 
 
 def value_loss(
