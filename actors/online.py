@@ -14,6 +14,7 @@ import os
 import time
 from pathlib import Path
 
+import ray
 import torch
 
 from actors.groups import (
@@ -40,7 +41,16 @@ from rlhf.flops import online_step_flops
 from rlhf.kl import logp_gap, make_kl_controller
 from rlhf.models import load_tokenizer
 from rlhf.objectives import KLPenalty
-from rlhf.rollout import Rollout, merge_rollouts, rank_slices, rollout_token_logps, sequences
+from rlhf.rollout import (
+    INFLIGHT,
+    Rollout,
+    load_rollouts,
+    merge_rollouts,
+    rank_slices,
+    rollout_token_logps,
+    save_rollouts,
+    sequences,
+)
 from rlhf.rundir import Claim
 from rlhf.types import Experience
 
@@ -109,6 +119,13 @@ def _rows(refs) -> torch.Tensor | None:
     return None if refs is None else torch.cat([t for rank in gather(refs) for t in rank])
 
 
+def _update_key(role: str, key: str) -> str:
+    """The metrics row's name of an update's metric `key` (see collect_updates)."""
+    if key == "loss":
+        return f"{role}/total_loss"
+    return key if key.startswith(("policy/", "value/", "rollout/")) else f"{role}/{key}"
+
+
 class DeferredRows:
     """Rows of per-token outputs an actor group may still be computing (its call's refs: per
     rank, a list of micro-batch tensors); get() waits for them, wherever it is called. Refs
@@ -152,6 +169,7 @@ class OnlineRun:
         self.scorer = None  # the reward source when it runs in the driver (reward.run_in)
         self.eval_samples: list[list[tuple[str, str, float]]] = []
         self.reference: ReferenceGroup | None = None
+        self.inflight_to_save: list | None = None  # async: the batches ahead, at a checkpoint
 
     # ------------------------------------------------------------------ set-up
 
@@ -189,6 +207,12 @@ class OnlineRun:
             if self.critic is not None:
                 refs += self.critic.submit_save(str(path), "critic")
             gather(refs)
+            if self.inflight_to_save:  # async: the batches sampled ahead, with their versions
+                items = [
+                    (s, version, self.collect_rollout(parts))
+                    for s, parts, version in self.inflight_to_save
+                ]
+                save_rollouts(path / INFLIGHT, items)
 
         state = {
             "step": step,
@@ -400,16 +424,12 @@ class OnlineRun:
     @staticmethod
     def collect_updates(refs: dict[str, list]) -> dict[str, float]:
         """Every update's metrics as one row (reduce_metrics: means, and maxima of *_max);
-        policy/*, value/* and rollout/* keep their names, the rest get the role's prefix."""
+        policy/*, value/* and rollout/* keep their names, the rest get the role's prefix, and
+        the trainer's whole loss is <role>/total_loss (policy/loss is the surrogate's alone)."""
         rows = []
         for role, role_refs in refs.items():
             for result in gather(role_refs):
-                rows.append(
-                    {
-                        k if k.startswith(("policy/", "value/", "rollout/")) else f"{role}/{k}": v
-                        for k, v in result.metrics.items()
-                    }
-                )
+                rows.append({_update_key(role, k): v for k, v in result.metrics.items()})
         return reduce_metrics(rows)
 
     def train_on(self, exp: Experience, step: int) -> dict[str, float]:
@@ -459,73 +479,163 @@ class OnlineRun:
             before = self.evaluate()
             if before:
                 logger.log(0, before, 0)
-        metrics: dict[str, float] = {}
         self.step_times: list[float] = []
         self.first_step_done: float | None = None  # perf_counter at the end of the first step
-        every = cfg.checkpoint.every_steps
-        t0 = time.perf_counter()
-        pending = self.start_rollout(first) if first < plan.total_steps else None
         try:
-            for step in range(first, plan.total_steps):
-                done = step + 1 == plan.total_steps
-                evaluates = bool(cfg.train.eval_every and (step + 1) % cfg.train.eval_every == 0)
-                evaluates = evaluates or done
-                saves = bool(every and (step + 1) % every == 0) or done
-                faults = os.environ.get(FAULT_EXIT_AFTER_STEP) == str(step + 1)
-                rollout = self.collect_rollout(pending[0])
-                t1 = time.perf_counter()
-                exp, metrics = self.make_experience(rollout, pending[1])
-                t2 = time.perf_counter()
-                # Queued back to back: the updates, the weight sync behind them on the policy,
-                # and (when nothing runs between the steps) the next rollout behind the sync on
-                # the engines, so no actor waits for a driver round trip in between.
-                updates = self.submit_updates(exp, step)
-                synced = self.weight_sync.submit()
-                prefetch = not (done or evaluates or saves or faults)
-                pending = self.start_rollout(step + 1) if prefetch else None
-                if self.pending_ref is not None:
-                    gather(self.pending_ref)  # a dead reference is reported by its role
-                metrics.update(self.collect_updates(updates))
-                if self.kl_in_loss:  # measured by the updates, on the policy before each step
-                    metrics["kl/seq"] = metrics["policy/kl_seq"]
-                # After the updates were queued: with the KL in the loss they carry this step's β.
-                self.kl.update(metrics["kl/seq"], exp.input_ids.shape[0])
-                t3 = time.perf_counter()
-                gather(synced)
-                t4 = time.perf_counter()
-                tokens = int(rollout.response_mask.sum())
-                metrics.update(
-                    {
-                        "timing/rollout": t1 - t0,
-                        "timing/make_experience": t2 - t1,
-                        "timing/train": t3 - t2,
-                        "timing/sync": t4 - t3,
-                        "timing/step": t4 - t0,
-                        "perf/tokens_per_s": tokens / (t4 - t0),
-                    }
-                )
-                metrics.update(self.utilisation(rollout, t4 - t0, t3 - t2))
-                self.step_times.append(t4 - t0)
-                self.first_step_done = self.first_step_done or t4
-                if evaluates:
-                    metrics.update(self.evaluate())
-                # samples/s counts responses, as the summary's throughput does
-                logger.log(step + 1, metrics, (step + 1) * self.responses_per_step)
-                if saves:
-                    self.save(step + 1)
-                if faults:
-                    print(f"fault injection: exiting after step {step + 1}", flush=True)
-                    os._exit(17)
-                # A prefetched rollout started when the sync ended (t4): the bookkeeping above
-                # overlapped it. Otherwise the next step starts now, after eval / checkpoint.
-                if pending is None and not done:
-                    t0 = time.perf_counter()
-                    pending = self.start_rollout(step + 1)
-                else:
-                    t0 = t4
+            if cfg.roles.rollout.max_staleness:
+                return self._run_async(first, logger)
+            return self._run_sync(first, logger)
         finally:
             logger.close()
+
+    def _boundaries(self, step: int) -> tuple[bool, bool, bool, bool]:
+        """(done, evaluates, saves, faults) after 0-based `step`."""
+        cfg = self.cfg
+        done = step + 1 == self.plan.total_steps
+        evaluates = bool(cfg.train.eval_every and (step + 1) % cfg.train.eval_every == 0)
+        every = cfg.checkpoint.every_steps
+        saves = bool(every and (step + 1) % every == 0) or done
+        faults = os.environ.get(FAULT_EXIT_AFTER_STEP) == str(step + 1)
+        return done, evaluates or done, saves, faults
+
+    def _collect_updates_into(self, metrics: dict, updates: dict[str, list], exp: Experience):
+        """Wait for the updates, add their metrics to the step's, and feed the KL controller
+        the step's KL (make_experience's, or with the KL in the loss the updates')."""
+        if self.pending_ref is not None:
+            gather(self.pending_ref)  # a dead reference is reported by its role
+        metrics.update(self.collect_updates(updates))
+        if self.kl_in_loss:  # measured by the updates, on the policy before each step
+            metrics["kl/seq"] = metrics["policy/kl_seq"]
+        # After the updates were queued: with the KL in the loss they carry this step's β.
+        self.kl.update(metrics["kl/seq"], exp.input_ids.shape[0])
+
+    def _end_step(
+        self, step: int, metrics: dict, logger: MetricsLogger, evaluates: bool, saves: bool
+    ) -> None:
+        """Held-out eval, the metrics row, the checkpoint and the fault hook after `step`."""
+        if evaluates:
+            metrics.update(self.evaluate())
+        # samples/s counts responses, as the summary's throughput does
+        logger.log(step + 1, metrics, (step + 1) * self.responses_per_step)
+        if saves:
+            self.save(step + 1)
+        if os.environ.get(FAULT_EXIT_AFTER_STEP) == str(step + 1):
+            print(f"fault injection: exiting after step {step + 1}", flush=True)
+            os._exit(17)
+
+    def _run_sync(self, first: int, logger: MetricsLogger) -> dict[str, float]:
+        """roles.rollout.max_staleness=0: every batch comes from the current weights."""
+        plan = self.plan
+        metrics: dict[str, float] = {}
+        t0 = time.perf_counter()
+        pending = self.start_rollout(first) if first < plan.total_steps else None
+        for step in range(first, plan.total_steps):
+            done, evaluates, saves, faults = self._boundaries(step)
+            rollout = self.collect_rollout(pending[0])
+            t1 = time.perf_counter()
+            exp, metrics = self.make_experience(rollout, pending[1])
+            t2 = time.perf_counter()
+            # Queued back to back: the updates, the weight sync behind them on the policy,
+            # and (when nothing runs between the steps) the next rollout behind the sync on
+            # the engines, so no actor waits for a driver round trip in between.
+            updates = self.submit_updates(exp, step)
+            synced = self.weight_sync.submit()
+            prefetch = not (done or evaluates or saves or faults)
+            pending = self.start_rollout(step + 1) if prefetch else None
+            self._collect_updates_into(metrics, updates, exp)
+            t3 = time.perf_counter()
+            gather(synced)
+            t4 = time.perf_counter()
+            self._timings(metrics, rollout, t0, t1, t2, t3, t4)
+            self._end_step(step, metrics, logger, evaluates, saves)
+            # A prefetched rollout started when the sync ended (t4): the bookkeeping above
+            # overlapped it. Otherwise the next step starts now, after eval / checkpoint.
+            if pending is None and not done:
+                t0 = time.perf_counter()
+                pending = self.start_rollout(step + 1)
+            else:
+                t0 = t4
         return metrics
+
+    def _run_async(self, first: int, logger: MetricsLogger) -> dict[str, float]:
+        """roles.rollout.max_staleness=k >= 1: the engines run up to k batches ahead of the
+        policy. Step t trains on the batch the engines sampled with the weights of version
+        max(t - k, first) (version v = after v updates): batch t + k + 1 is queued right
+        behind the sync of version t + 1, so the engines sample it while the policy trains
+        step t + 1, and the sync waits only for the batches already in flight. The policy's
+        (and critic's) per-token forwards run when the step begins, on the current weights:
+        π_old is the proximal policy, and ppo.off_policy_correction weighs it against the
+        engine's log-probs of the older weights that sampled."""
+        plan, k = self.plan, self.cfg.roles.rollout.max_staleness
+        metrics: dict[str, float] = {}
+        inflight = self._restore_inflight(first)  # (step, parts, version) in step order
+        for s in range(first + len(inflight), min(first + k + 1, plan.total_steps)):
+            inflight.append((s, self.submit_generate(s), first))
+        synced: list = []
+        t0 = time.perf_counter()
+        for step in range(first, plan.total_steps):
+            _, evaluates, saves, _ = self._boundaries(step)
+            s, parts, version = inflight.pop(0)
+            assert s == step, f"step {step} got the batch of step {s}"
+            forwards = self.submit_forwards(parts)
+            rollout = self.collect_rollout(parts)
+            t1 = time.perf_counter()
+            gather(synced)  # the last sync ended before this batch's successors
+            t1s = time.perf_counter()
+            exp, metrics = self.make_experience(rollout, forwards)
+            t2 = time.perf_counter()
+            updates = self.submit_updates(exp, step)
+            synced = self.weight_sync.submit()  # version step + 1, behind the batches in flight
+            if step + k + 1 < plan.total_steps:
+                inflight.append((step + k + 1, self.submit_generate(step + k + 1), step + 1))
+            self._collect_updates_into(metrics, updates, exp)
+            t3 = time.perf_counter()
+            metrics["rollout/version"] = float(version)
+            metrics["rollout/staleness_mean"] = metrics["rollout/staleness_max"] = float(
+                step - version
+            )
+            self._timings(metrics, rollout, t0, t1, t2, t3, t3, sync_s=t1s - t1)
+            if saves:
+                self.inflight_to_save = inflight
+            self._end_step(step, metrics, logger, evaluates, saves)
+            self.inflight_to_save = None
+            # Eval and checkpoint time is not step time; the rest of the bookkeeping overlapped
+            # the engines' work.
+            t0 = time.perf_counter() if evaluates or saves else t3
+        gather(synced)
+        return metrics
+
+    def _restore_inflight(self, first: int) -> list:
+        """The batches a checkpoint had in flight (sampled by weights older than its own, so
+        they cannot be regenerated from it), as (step, [ref], version) from `first` on."""
+        path = self.claim.resume_from
+        if path is None or not (path / INFLIGHT).with_suffix(".json").exists():
+            return []
+        k = self.cfg.roles.rollout.max_staleness
+        return [
+            (step, [ray.put(r)], version)
+            for step, version, r in load_rollouts(path / INFLIGHT)
+            if first <= step <= first + k
+        ]
+
+    def _timings(self, metrics, rollout: Rollout, t0, t1, t2, t3, t4, sync_s=None) -> None:
+        """timing/* of a step that began at t0: rollout (waiting for it) to t1, make_experience
+        to t2, the updates to t3, the weight sync to t4 (async: `sync_s`, the wait for the
+        previous step's sync)."""
+        tokens = int(rollout.response_mask.sum())
+        metrics.update(
+            {
+                "timing/rollout": t1 - t0,
+                "timing/make_experience": t2 - t1,
+                "timing/train": t3 - t2,
+                "timing/sync": t4 - t3 if sync_s is None else sync_s,
+                "timing/step": t4 - t0,
+                "perf/tokens_per_s": tokens / (t4 - t0),
+            }
+        )
+        metrics.update(self.utilisation(rollout, t4 - t0, t3 - t2))
+        self.step_times.append(t4 - t0)
+        self.first_step_done = self.first_step_done or t4
 
     def finish(self) -> Path:
         final = self.out / "final"

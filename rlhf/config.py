@@ -388,6 +388,8 @@ class RolloutConfig(_Section):
     """Hybrid engine: generate inside the policy's own actors, one engine per policy rank,
     with the trainer's weights: no second copy of the model and no weight sync. HF backend,
     ZeRO 0-2 (ZeRO-3 shards the weights); `resources` is then unused."""
+    max_staleness: int = Field(0, ge=0)
+    """Asynchronous online training: the engines sample up to this many batches ahead of the policy, so generation overlaps the update; the batch trained at step t comes from weights at most this many updates old (rollout/staleness_*). 0: synchronous, every batch from the current weights. Separate engines only (the hybrid engine samples with the trainer's own weights, so it stays synchronous); pair it with ppo.off_policy_correction."""
     resources: RoleResources = RoleResources()
     """Placement of the rollout engines (separate actors; not with `hybrid`)."""
 
@@ -659,6 +661,12 @@ def _combination_problems(cfg: RunConfig):
             f"ppo.off_policy_correction={cfg.ppo.off_policy_correction} weighs the trainer's π_old "
             "against the engine's log-probs, but ppo.old_logps=rollout makes π_old the engine's "
             "own (every weight would be 1): set ppo.old_logps=recompute"
+        )
+    if algo == "ppo" and roles.rollout.hybrid and roles.rollout.max_staleness:
+        yield (
+            f"roles.rollout.max_staleness={roles.rollout.max_staleness} needs separate rollout "
+            "engines: the hybrid engine samples with the trainer's own weights between its updates, "
+            "so it stays synchronous (set roles.rollout.hybrid=false or max_staleness=0)"
         )
     if algo == "ppo" and roles.rollout.hybrid:
         if roles.rollout.backend == "vllm":

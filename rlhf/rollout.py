@@ -5,12 +5,19 @@ online loop; nothing here talks to an actor."""
 
 from __future__ import annotations
 
+import dataclasses
+import json
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from safetensors.torch import load_file, save_file
 
 from rlhf.data.collate import pad
+
+#: A checkpoint's batches in flight (async online runs): INFLIGHT.safetensors + INFLIGHT.json.
+INFLIGHT = "inflight"
 
 
 @dataclass(frozen=True)
@@ -88,3 +95,30 @@ def rollout_token_logps(r: Rollout) -> torch.Tensor:
     """The engine's log-probs of a rollout in the [B, T-1] layout of `sequences` (0 outside
     the responses)."""
     return F.pad(r.logps.float(), (r.prompt_ids.shape[1] - 1, 0))
+
+
+def save_rollouts(stem: Path, items: list[tuple[int, int, Rollout]]) -> None:
+    """(step, policy version, rollout) items as `stem`.safetensors (the tensors) and
+    `stem`.json (steps, versions, finish reasons): no pickle."""
+    tensors, meta = {}, []
+    for n, (step, version, r) in enumerate(items):
+        for f in dataclasses.fields(r):
+            value = getattr(r, f.name)
+            if isinstance(value, torch.Tensor):
+                tensors[f"{n}.{f.name}"] = value.contiguous()
+        meta.append({"step": step, "version": version, "finish": list(r.finish)})
+    save_file(tensors, str(stem.with_suffix(".safetensors")))
+    stem.with_suffix(".json").write_text(json.dumps(meta))
+
+
+def load_rollouts(stem: Path) -> list[tuple[int, int, Rollout]]:
+    """What save_rollouts wrote."""
+    tensors = load_file(str(stem.with_suffix(".safetensors")))
+    out = []
+    for n, m in enumerate(json.loads(stem.with_suffix(".json").read_text())):
+        fields = {
+            f.name: m["finish"] if f.name == "finish" else tensors[f"{n}.{f.name}"]
+            for f in dataclasses.fields(Rollout)
+        }
+        out.append((m["step"], m["version"], Rollout(**fields)))
+    return out

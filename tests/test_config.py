@@ -122,6 +122,16 @@ PPO = ["algorithm=ppo", "roles.reward.type=function", "roles.reward.function=m:f
         ),
         (["ppo.off_policy_cap=1"], "ppo.off_policy_cap: Input should be greater than 1"),
         (
+            [
+                "algorithm=ppo",
+                "roles.reward.type=function",
+                "roles.reward.function=m:f",
+                "roles.rollout.hybrid=true",
+                "roles.rollout.max_staleness=1",
+            ],
+            "max_staleness=1 needs separate rollout engines",
+        ),
+        (
             ["train.global_batch_size=10"],
             "train.global_batch_size=10 is not divisible by train.micro_batch_size (4)",
         ),

@@ -250,6 +250,32 @@ def test_off_policy_correction_is_the_identity_when_the_engine_agrees(
         assert x["rollout/is_weight_max"] == pytest.approx(1.0, abs=1e-4)
         assert x[frac] == 0.0
         assert x["rollout/logp_gap_mean"] < 1e-5 and x["rollout/logp_gap_max"] < 1e-4
+        if ppo["kl_penalty"] == "loss":  # the whole loss: surrogate + β·KL (token means)
+            want = x["policy/loss"] + x["kl/coef"] * x["policy/kl"]
+            assert x["policy/total_loss"] == pytest.approx(want, rel=1e-5, abs=1e-7)
+
+
+@pytest.mark.parametrize("k", [1, 2])
+def test_async_grpo_keeps_staleness_bounded_and_learns(sft_model, tmp_path, k):
+    """roles.rollout.max_staleness=k: step t trains on a batch sampled by the weights of
+    version max(t - k, 0) (t updates done), never older, and the run still learns."""
+    rlhf_train(
+        critic_free_config(
+            tmp_path, sft_model, estimator="grpo", kl_penalty="loss", kl_estimator="k3"
+        ),
+        f"roles.rollout.max_staleness={k}",
+        "ppo.off_policy_correction=tis",
+    )
+    r = rows(tmp_path)
+    assert len(r) == 20
+    for t, x in enumerate(r):  # row t is step t + 1, trained by the policy of version t
+        assert x["rollout/version"] == max(t - k, 0)
+        assert x["rollout/staleness_max"] == t - max(t - k, 0) <= k
+        # Older weights sampled: the engine's log-probs are no longer the policy's.
+        assert (x["rollout/is_weight_mean"] == pytest.approx(1.0, abs=1e-5)) == (t == 0)
+    first, last = mean(x["reward/mean"] for x in r[:5]), mean(x["reward/mean"] for x in r[-5:])
+    print(f"async k={k}: mean reward, first 5 steps {first:.3f} -> last 5 steps {last:.3f}")
+    assert last > first + 0.5, (first, last)
 
 
 def test_grpo_learns_in_bf16_and_reports_the_engine_gap(sft_model, tmp_path):
