@@ -124,3 +124,10 @@ def versions(packages: tuple[str, ...]) -> str:
         except PackageNotFoundError:
             out.append(f"{pkg} (not installed)")
     return ", ".join(out)
+
+
+def add_precision_argument(parser, help: str) -> None:
+    """--precision: one or more of PRECISIONS (default: all), in the order given there."""
+    parser.add_argument(
+        "--precision", nargs="+", choices=PRECISIONS, default=list(PRECISIONS), help=help
+    )

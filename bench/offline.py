@@ -65,6 +65,7 @@ from bench._common import (
     CACHE,
     PRECISIONS,
     ROOT,
+    add_precision_argument,
     child_env,
     median,
     steady_rate,
@@ -773,12 +774,9 @@ def main(argv: list[str] | None = None) -> int:
         "--only", action="append", choices=list(BY_NAME), help="run only this workload (repeatable)"
     )
     parser.add_argument("--repeats", type=int, default=1, help="interleaved repeats; medians shown")
-    parser.add_argument(
-        "--precision",
-        nargs="+",
-        choices=PRECISIONS,
-        default=list(PRECISIONS),
-        help="one or more of fp32, bf16 (default: both) for the workloads with the precision "
+    add_precision_argument(
+        parser,
+        "one or more of fp32, bf16 (default: both) for the workloads with the precision "
         f"axis ({', '.join(w.name for w in WORKLOADS if w.precision_axis)}; the others run in "
         "fp32): ours train.precision=<p>, TRL bf16=True for bf16; with both, the table adds "
         "ours bf16 / ours fp32",

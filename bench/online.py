@@ -15,6 +15,10 @@ Workloads (`--only` takes these names, and may be repeated):
     smollm2-ppo    ours only: PPO with a critic, SmolLM2-135M-Instruct, 16 prompts x 1 sample
     smollm2-grpo   GRPO, SmolLM2-135M-Instruct, chat prompts, 4 prompts x 4 samples x 32 new
                    tokens, two micro-batches of 8 (the quickstart's shape); TRL: GRPOTrainer
+    smollm2-grpo-async1, smollm2-grpo-async2
+                   ours only: smollm2-grpo with roles.rollout.max_staleness 1 / 2 and
+                   ppo.off_policy_correction=tis, compared with smollm2-grpo's TRL runs and
+                   our synchronous ones (run it in the same invocation)
 
 Precision (`--precision`, one or more of fp32 and bf16; default both): every workload runs at
 each, ours with `train.precision=<p>` (bf16 on CPU: autocast over fp32 master weights in the
@@ -51,6 +55,7 @@ The tables go to stdout and, as markdown, to bench/results/online.md (`--out`).
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import itertools
 import json
 import os
@@ -68,6 +73,7 @@ from bench._common import (
     CACHE,
     PRECISIONS,
     ROOT,
+    add_precision_argument,
     child_env,
     median,
     steady_rate,
@@ -124,6 +130,13 @@ class Workload:
     kl_estimator: str = "k1"
     old_logps: str = "recompute"  # ppo.old_logps
     hybrid: bool = False  # roles.rollout.hybrid: the policy's actor generates, no weight sync
+    #: roles.rollout.max_staleness (async: the engines sample up to k batches ahead), with
+    #: ppo.off_policy_correction=tis when k > 0.
+    max_staleness: int = 0
+    #: An async variant of this synchronous workload: compared with its ours runs (target
+    #: `sync_target`) and with its TRL runs (target `target`), which it does not repeat.
+    sync_of: str | None = None
+    sync_target: float | None = None
 
     @property
     def rows(self) -> int:
@@ -185,6 +198,22 @@ WORKLOADS = [
         **GRPO_KL,
     ),
 ]
+# Asynchronous variants of the quickstart's shape (issue targets: k=1 >= 1.5x TRL, >= 1.4x
+# ours synchronous).
+WORKLOADS += [
+    dataclasses.replace(
+        sync,
+        name=f"smollm2-grpo-async{k}",
+        trl=None,
+        target=1.5 if k == 1 else None,
+        bf16_target=None,
+        max_staleness=k,
+        sync_of="smollm2-grpo",
+        sync_target=1.4 if k == 1 else None,
+    )
+    for sync in [next(w for w in WORKLOADS if w.name == "smollm2-grpo")]
+    for k in (1, 2)
+]
 BY_NAME = {w.name: w for w in WORKLOADS}
 
 
@@ -222,6 +251,7 @@ def ours_config(w: Workload, steps: int, precision: str = "fp32") -> dict:
                 "temperature": 1.0,
                 "n_samples_per_prompt": w.samples,
                 "hybrid": w.hybrid,
+                "max_staleness": w.max_staleness,
             },
         },
         "ppo": {
@@ -230,6 +260,7 @@ def ours_config(w: Workload, steps: int, precision: str = "fp32") -> dict:
             "kl_penalty": w.kl_penalty,
             "kl_estimator": w.kl_estimator,
             "old_logps": w.old_logps,
+            "off_policy_correction": "tis" if w.max_staleness else "none",
             "ppo_epochs": 1,
             "num_mini_batches": 1,
         },
@@ -499,6 +530,16 @@ def table(done: dict[str, dict[str, list[Result]]], precisions: list[str]) -> li
             continue
         for p in precisions:
             ours, trl = run_key("ours", p), run_key("trl", p)
+            if w.sync_of:  # an async variant: against TRL's and our synchronous runs
+                sync = done.get(w.sync_of, {})
+                peers = {
+                    ours: res.get(ours, []),
+                    trl: sync.get(trl, []),
+                    f"ours sync {p}": sync.get(ours, []),
+                }
+                lines.append(_ratio_row(w.name, p, peers, ours, trl, w.target))
+                lines.append(_ratio_row(w.name, p, peers, ours, f"ours sync {p}", w.sync_target))
+                continue
             lines.append(_ratio_row(w.name, p, res, ours, trl, w.target))
         if both:
             a, b = run_key("ours", "bf16"), run_key("ours", "fp32")
@@ -786,12 +827,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--smollm2-steps", type=int, default=5, help="steps per SmolLM2 run")
     parser.add_argument("--warmup", type=int, default=2, help="first steps left out of the means")
     parser.add_argument("--repeats", type=int, default=1, help="interleaved repeats; medians shown")
-    parser.add_argument(
-        "--precision",
-        nargs="+",
-        choices=PRECISIONS,
-        default=list(PRECISIONS),
-        help="one or more of fp32, bf16 (default: both); each workload runs at each, ours with "
+    add_precision_argument(
+        parser,
+        "one or more of fp32, bf16 (default: both); each workload runs at each, ours with "
         "train.precision=<p>, TRL with bf16=True for bf16; with both, the table adds ours "
         "bf16 / ours fp32 (target 1.8x on SmolLM2)",
     )

@@ -15,6 +15,8 @@ from pathlib import Path
 import yaml
 from safetensors.torch import load_file
 
+from tests.test_train import untimed as untimed_rows
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -64,6 +66,12 @@ def wait_for_checkpoint(out: Path, proc: subprocess.Popen, step: int, timeout: f
         assert proc.poll() is None, proc.communicate()
         time.sleep(0.2)
     raise TimeoutError(f"no checkpoint step_{step} within {timeout}s")
+
+
+def untimed(path: Path) -> list[dict]:
+    """A run's metrics rows without the wall-clock columns (tests.test_train.untimed)."""
+    rows = [json.loads(x) for x in (path / "out" / "metrics.jsonl").read_text().splitlines()]
+    return untimed_rows(rows)
 
 
 def kill_role(out: Path, role: str) -> int:
@@ -148,12 +156,6 @@ def test_async_ppo_resume_is_bit_identical(tmp_path):
     b = load_file(cut_dir / "out" / "final" / "model.safetensors")
     assert all((a[k] == b[k]).all() for k in a), "resumed async PPO diverged"
 
-    def untimed(path):
-        rows = [json.loads(x) for x in (path / "out" / "metrics.jsonl").read_text().splitlines()]
-        return [
-            {k: v for k, v in r.items() if not k.startswith(("timing/", "perf/"))} for r in rows
-        ]
-
     rows = untimed(whole_dir)
     assert untimed(cut_dir) == rows
     trained = [r for r in rows if "rollout/staleness_max" in r]
@@ -178,11 +180,5 @@ def test_ppo_resume_is_bit_identical(tmp_path):
     a = load_file(whole_dir / "out" / "final" / "model.safetensors")
     b = load_file(cut_dir / "out" / "final" / "model.safetensors")
     assert all((a[k] == b[k]).all() for k in a), "resumed PPO diverged from the uninterrupted run"
-
-    def untimed(path):
-        rows = [json.loads(x) for x in (path / "out" / "metrics.jsonl").read_text().splitlines()]
-        return [
-            {k: v for k, v in r.items() if not k.startswith(("timing/", "perf/"))} for r in rows
-        ]
 
     assert untimed(cut_dir) == untimed(whole_dir)
