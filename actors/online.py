@@ -578,10 +578,10 @@ class OnlineRun:
             s, parts, version = inflight.pop(0)
             assert s == step, f"step {step} got the batch of step {s}"
             forwards = self.submit_forwards(parts)
+            gather(synced)  # the last step's sync (it ends before this batch's successors)
+            sync_s = time.perf_counter() - t0
             rollout = self.collect_rollout(parts)
             t1 = time.perf_counter()
-            gather(synced)  # the last sync ended before this batch's successors
-            t1s = time.perf_counter()
             exp, metrics = self.make_experience(rollout, forwards)
             t2 = time.perf_counter()
             updates = self.submit_updates(exp, step)
@@ -594,7 +594,7 @@ class OnlineRun:
             metrics["rollout/staleness_mean"] = metrics["rollout/staleness_max"] = float(
                 step - version
             )
-            self._timings(metrics, rollout, t0, t1, t2, t3, t3, sync_s=t1s - t1)
+            self._timings(metrics, rollout, t0, t1, t2, t3, t3, sync_s=sync_s)
             if saves:
                 self.inflight_to_save = inflight
             self._end_step(step, metrics, logger, evaluates, saves)
@@ -621,11 +621,11 @@ class OnlineRun:
     def _timings(self, metrics, rollout: Rollout, t0, t1, t2, t3, t4, sync_s=None) -> None:
         """timing/* of a step that began at t0: rollout (waiting for it) to t1, make_experience
         to t2, the updates to t3, the weight sync to t4 (async: `sync_s`, the wait for the
-        previous step's sync)."""
+        previous step's sync at the start of this one, not counted as rollout)."""
         tokens = int(rollout.response_mask.sum())
         metrics.update(
             {
-                "timing/rollout": t1 - t0,
+                "timing/rollout": t1 - t0 - (sync_s or 0.0),
                 "timing/make_experience": t2 - t1,
                 "timing/train": t3 - t2,
                 "timing/sync": t4 - t3 if sync_s is None else sync_s,
