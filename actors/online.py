@@ -169,7 +169,6 @@ class OnlineRun:
         self.scorer = None  # the reward source when it runs in the driver (reward.run_in)
         self.eval_samples: list[list[tuple[str, str, float]]] = []
         self.reference: ReferenceGroup | None = None
-        self.inflight_to_save: list | None = None  # async: the batches ahead, at a checkpoint
 
     # ------------------------------------------------------------------ set-up
 
@@ -197,9 +196,10 @@ class OnlineRun:
 
     # ------------------------------------------------------------------ checkpoints
 
-    def save(self, step: int) -> Path:
+    def save(self, step: int, inflight: list | None = None) -> Path:
         """Policy and critic (DeepSpeed, every rank) plus KL controller, reward normaliser and
-        step (the prompt position follows from it); rollout weights come from the policy."""
+        step (the prompt position follows from it); rollout weights come from the policy.
+        `inflight` (async): the batches sampled ahead, (step, parts, version), kept too."""
         path = self.out / "checkpoints" / f"step_{step}"
 
         def save_actors():
@@ -207,10 +207,9 @@ class OnlineRun:
             if self.critic is not None:
                 refs += self.critic.submit_save(str(path), "critic")
             gather(refs)
-            if self.inflight_to_save:  # async: the batches sampled ahead, with their versions
+            if inflight:
                 items = [
-                    (s, version, self.collect_rollout(parts))
-                    for s, parts, version in self.inflight_to_save
+                    (s, version, self.collect_rollout(parts)) for s, parts, version in inflight
                 ]
                 save_rollouts(path / INFLIGHT, items)
 
@@ -510,15 +509,22 @@ class OnlineRun:
         self.kl.update(metrics["kl/seq"], exp.input_ids.shape[0])
 
     def _end_step(
-        self, step: int, metrics: dict, logger: MetricsLogger, evaluates: bool, saves: bool
+        self,
+        step: int,
+        metrics: dict,
+        logger: MetricsLogger,
+        evaluates: bool,
+        saves: bool,
+        inflight: list | None = None,
     ) -> None:
-        """Held-out eval, the metrics row, the checkpoint and the fault hook after `step`."""
+        """Held-out eval, the metrics row, the checkpoint (with the batches `inflight`, async)
+        and the fault hook after `step`."""
         if evaluates:
             metrics.update(self.evaluate())
         # samples/s counts responses, as the summary's throughput does
         logger.log(step + 1, metrics, (step + 1) * self.responses_per_step)
         if saves:
-            self.save(step + 1)
+            self.save(step + 1, inflight)
         if os.environ.get(FAULT_EXIT_AFTER_STEP) == str(step + 1):
             print(f"fault injection: exiting after step {step + 1}", flush=True)
             os._exit(17)
@@ -595,10 +601,7 @@ class OnlineRun:
                 step - version
             )
             self._timings(metrics, rollout, t0, t1, t2, t3, t3, sync_s=sync_s)
-            if saves:
-                self.inflight_to_save = inflight
-            self._end_step(step, metrics, logger, evaluates, saves)
-            self.inflight_to_save = None
+            self._end_step(step, metrics, logger, evaluates, saves, inflight)
             # Eval and checkpoint time is not step time; the rest of the bookkeeping overlapped
             # the engines' work.
             t0 = time.perf_counter() if evaluates or saves else t3
