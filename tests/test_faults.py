@@ -104,36 +104,32 @@ def test_killed_actor_stops_the_run_and_resume_continues(tmp_path):
     assert (out / "final" / "model.safetensors").exists()
 
 
-def test_max_restarts_recovers_by_itself(tmp_path):
+def kill_and_recover(tmp_path: Path, role: str, *overrides: str) -> list[dict]:
+    """A 12-step run with train.max_restarts=1 whose `role` actor is SIGKILLed after the
+    step-2 checkpoint: it must restart once, finish, and log every step once. Its rows."""
     config = ppo_config(tmp_path, steps=12, every=2)
     out = tmp_path / "out"
-    proc = start(config, "train.max_restarts=1")
+    proc = start(config, "train.max_restarts=1", *overrides)
     wait_for_checkpoint(out, proc, 2)
-    kill_role(out, "policy")
+    kill_role(out, role)
     code, stdout, stderr = finish(proc)
     assert code == 0, stderr[-3000:]
-    assert "the policy actor died" in stdout and "restarting (1/1)" in stdout
+    assert f"the {role} actor died" in stdout and "restarting (1/1)" in stdout
     summary = json.loads((out / "summary.json").read_text())
     assert summary["restarts"] == 1 and summary["steps"] == 12
-    steps = [json.loads(x)["step"] for x in (out / "metrics.jsonl").read_text().splitlines()]
-    assert steps == list(range(1, 13)), "no step lost or logged twice"
+    rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == list(range(1, 13)), "no step lost or logged twice"
+    return rows
+
+
+def test_max_restarts_recovers_by_itself(tmp_path):
+    kill_and_recover(tmp_path, "policy")
 
 
 def test_async_run_recovers_from_a_killed_rollout_actor(tmp_path):
     """max_staleness=1: killing the engine (with a batch in flight, maybe mid-sync) restarts
     every group from the last checkpoint, its in-flight batch included, and loses no step."""
-    config = ppo_config(tmp_path, steps=12, every=2)
-    out = tmp_path / "out"
-    proc = start(config, "train.max_restarts=1", "roles.rollout.max_staleness=1")
-    wait_for_checkpoint(out, proc, 2)
-    kill_role(out, "rollout")
-    code, stdout, stderr = finish(proc)
-    assert code == 0, stderr[-3000:]
-    assert "the rollout actor died" in stdout and "restarting (1/1)" in stdout
-    summary = json.loads((out / "summary.json").read_text())
-    assert summary["restarts"] == 1 and summary["steps"] == 12
-    rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
-    assert [r["step"] for r in rows] == list(range(1, 13)), "no step lost or logged twice"
+    rows = kill_and_recover(tmp_path, "rollout", "roles.rollout.max_staleness=1")
     assert all(r["rollout/staleness_max"] <= 1 for r in rows)
 
 
