@@ -11,6 +11,9 @@ for the live nodes, refuses one that cannot fit, and reserves every bundle on it
 
 from __future__ import annotations
 
+import functools
+import inspect
+import time
 from collections.abc import Callable, Sequence
 from typing import Any, Generic, TypeVar
 
@@ -82,13 +85,113 @@ def gather(refs: Sequence[ray.ObjectRef]) -> list[Any]:
         raise ActorDied(role, err) from err
 
 
+class BusyLedger:
+    """The start and end (wall clock) of every call each actor rank runs, sent by the actor
+    itself (see `metered`), so the driver can tell, per step, how long each role sat idle:
+    time with no call running on the rank. A call that has begun and not yet ended counts as
+    busy up to the window's end (its end may still be on its way). The weight sync is not
+    metered (UNMETERED), so a rank waiting in it for the other side counts as idle."""
+
+    def __init__(self):
+        self.spans: dict[tuple[str, int], list[list[float | None]]] = {}
+
+    def begin(self, key: tuple[str, int], t: float) -> None:
+        self.spans.setdefault(key, []).append([t, None])
+
+    def end(self, key: tuple[str, int], t: float) -> None:
+        self.spans[key][-1][1] = t
+
+    def busy(self, since: float, until: float) -> dict[tuple[str, int], float]:
+        """Busy seconds of each (role, rank) within [since, until]; spans that ended by
+        `until` are dropped (windows come in order)."""
+        out = {}
+        for key, spans in self.spans.items():
+            out[key] = sum(
+                max(0.0, min(until if e is None else e, until) - max(s, since)) for s, e in spans
+            )
+            self.spans[key] = [sp for sp in spans if sp[1] is None or sp[1] > until]
+        return out
+
+
+#: Actor methods that are not a role's work: probes asked once at start, and the weight sync,
+#: whose collective mostly waits for the other side (an engine enters it as soon as its batch
+#: is done, then waits for the policy's update to end): that wait is idle time, and the
+#: transfer itself is timing/sync.
+UNMETERED = frozenset(
+    {
+        "ping",
+        "perf_info",
+        "peak_rss_mb",
+        "weight_specs",
+        "init_weight_sync",
+        "broadcast_weights",
+        "receive_weights",
+    }
+)
+
+
+def metered(actor_cls: type[T], role: str, ledger) -> type[T]:
+    """`actor_cls` whose public methods tell `ledger` (a BusyLedger actor) when they begin and
+    end, as (role, rank); a method called by another one is part of its caller's span. The
+    messages are fire-and-forget: a call waits for neither."""
+
+    def wrap(fn):
+        @functools.wraps(fn)
+        def method(self, *args, **kwargs):
+            self._metered_depth = getattr(self, "_metered_depth", 0) + 1
+            if self._metered_depth == 1:
+                ledger.begin.remote(self._metered_key, time.time())
+            try:
+                return fn(self, *args, **kwargs)
+            finally:
+                self._metered_depth -= 1
+                if self._metered_depth == 0:
+                    ledger.end.remote(self._metered_key, time.time())
+
+        return method
+
+    def __init__(self, info: RankInfo, *args, **kwargs):
+        self._metered_key = (role, info.rank)
+        actor_cls.__init__(self, info, *args, **kwargs)
+
+    methods = {
+        name: wrap(fn)
+        for name, fn in inspect.getmembers(actor_cls, inspect.isfunction)
+        if not name.startswith("_") and name not in UNMETERED
+    }
+    return type(actor_cls.__name__, (actor_cls,), {"__init__": __init__, **methods})
+
+
+class IdleClock:
+    """The driver's side of a BusyLedger: `idle(since, until)` -> timing/idle/<role>, the
+    seconds within the window that the role's ranks (their mean) ran no call."""
+
+    def __init__(self):
+        self.ledger = ray.remote(num_cpus=0)(BusyLedger).remote()
+        #: time.time() - time.perf_counter(): the loops time their steps on perf_counter.
+        self.offset = time.time() - time.perf_counter()
+
+    def idle(self, since: float, until: float, perf_counter: bool = True) -> dict[str, float]:
+        if perf_counter:
+            since, until = since + self.offset, until + self.offset
+        by_role: dict[str, list[float]] = {}
+        for (role, _), busy in gather([self.ledger.busy.remote(since, until)])[0].items():
+            by_role.setdefault(role, []).append(max(0.0, until - since - busy))
+        return {f"timing/idle/{role}": sum(v) / len(v) for role, v in sorted(by_role.items())}
+
+    def close(self) -> None:
+        ray.kill(self.ledger)
+
+
 class ClusterPlacement:
     """A PlacementPlan made real: one placement group per pool of the plan, every bundle pinned
     to its planned node through the `ray.io/node-id` label (`bundle_label_selector`), all
-    reserved before any actor starts. `remove()` gives them back."""
+    reserved before any actor starts; and the run's IdleClock, which every group placed here
+    reports its ranks' calls to. `remove()` gives them back."""
 
     def __init__(self, plan: PlacementPlan, timeout_s: float = 600):
         self.plan = plan
+        self.clock = IdleClock()
         self.groups = {
             pool: placement_group(
                 [b.resources for b in bundles],
@@ -114,6 +217,7 @@ class ClusterPlacement:
         for group in self.groups.values():
             remove_placement_group(group)
         self.groups = {}
+        self.clock.close()
 
 
 def start_placement(cfg: RunConfig, timeout_s: float = 600) -> ClusterPlacement:
@@ -149,6 +253,8 @@ class ActorGroup(Generic[T]):
                 f"role {role}: the placement plan has {len(slots)} ranks, the role {self.world_size}"
             )
         self.placement, self.bundle_indices = slots[0][0], [s[1] for s in slots]
+        if placement is not None:
+            actor_cls = metered(actor_cls, role, placement.clock.ledger)
         remote_cls = ray.remote(actor_cls)
         master_addr = rank0_address(self.placement, self.bundle_indices[0])
         master_port = free_port("127.0.0.1" if master_addr == "127.0.0.1" else "")

@@ -624,7 +624,8 @@ class OnlineRun:
     def _timings(self, metrics, rollout: Rollout, t0, t1, t2, t3, t4, sync_s=None) -> None:
         """timing/* of a step that began at t0: rollout (waiting for it) to t1, make_experience
         to t2, the updates to t3, the weight sync to t4 (async: `sync_s`, the wait for the
-        previous step's sync at the start of this one, not counted as rollout)."""
+        previous step's sync at the start of this one, not counted as rollout); and
+        timing/idle/<role>, how long each role's actors ran nothing between t0 and t4."""
         tokens = int(rollout.response_mask.sum())
         metrics.update(
             {
@@ -637,6 +638,7 @@ class OnlineRun:
             }
         )
         metrics.update(self.utilisation(rollout, t4 - t0, t3 - t2))
+        metrics.update(self.placement.clock.idle(t0, t4))
         self.step_times.append(t4 - t0)
         self.first_step_done = self.first_step_done or t4
 

@@ -172,3 +172,26 @@ def test_an_actor_that_fails_to_start_reports_its_own_error(ray_local):
         str(caught.value) == "the critic actor failed to start: ValueError: no such head: 'score'"
     )
     assert isinstance(caught.value, ConfigError) and not isinstance(caught.value, ActorDied)
+
+
+def test_busy_ledger_counts_each_ranks_calls_within_the_window():
+    """BusyLedger by hand: spans clipped to the window, an open span busy up to its end,
+    ended spans dropped once a window has passed them, ranks and roles apart."""
+    from actors.groups import BusyLedger
+
+    ledger = BusyLedger()
+    ledger.begin(("policy", 0), 0.5)
+    ledger.end(("policy", 0), 1.25)  # 0.25 s inside [1, 3]
+    ledger.begin(("policy", 0), 1.5)
+    ledger.end(("policy", 0), 2.0)  # 0.5 s
+    ledger.begin(("policy", 0), 2.75)  # still running: busy up to 3, then on
+    ledger.begin(("policy", 1), 0.1)
+    ledger.end(("policy", 1), 0.9)  # before the window
+    ledger.begin(("rollout", 0), 0.7)  # running through the whole window
+    busy = ledger.busy(1.0, 3.0)
+    assert busy == pytest.approx({("policy", 0): 1.0, ("policy", 1): 0.0, ("rollout", 0): 2.0})
+    ledger.end(("policy", 0), 3.5)
+    ledger.end(("rollout", 0), 3.1)
+    assert len(ledger.spans[("policy", 0)]) == 1 and not ledger.spans[("policy", 1)]
+    busy = ledger.busy(3.0, 4.0)
+    assert busy == pytest.approx({("policy", 0): 0.5, ("policy", 1): 0.0, ("rollout", 0): 0.1})

@@ -131,6 +131,14 @@ def test_ppo_with_critic_learns_the_reward(sft_model, tmp_path):
         "perf/tokens_per_s",
     ):
         assert key in r[-1], key
+    # Idle time per role within each step, from the calls its actors ran (sync loop).
+    for x in r:
+        for role in ("policy", "rollout", "reward", "critic", "reference"):
+            assert 0 <= x[f"timing/idle/{role}"] <= x["timing/step"], (role, x)
+        # The engine has nothing to do while the policy updates, nor the policy while it waits
+        # for the rollout (both within a few ms: the bookkeeping of the driver in between).
+        assert x["timing/idle/rollout"] >= 0.5 * x["timing/train"], x
+        assert x["timing/idle/policy"] >= 0.5 * x["timing/rollout"], x
     assert (tmp_path / "out" / "final" / "model.safetensors").exists()
     summary = json.loads((tmp_path / "out" / "summary.json").read_text())
     assert set(summary["peak_rss_mb"]) == {"policy", "rollout", "reward", "critic", "reference"}
