@@ -106,6 +106,9 @@ MFU_ROLES = ("policy", "rollout")
 #: Per-role perf metrics averaged like the phases when metrics.jsonl has them:
 #: perf/<role>/mfu, perf/<role>/tflops, perf/<role>/busy (the run list shows them all).
 PERF_SUFFIXES = ("/mfu", "/tflops", "/busy")
+#: timing/idle/<role>: seconds of the step the role's actors ran no call (their own table).
+IDLE = "timing/idle/"
+IDLE_ROLES = ("policy", "rollout", "reference", "critic", "reward")
 
 # ----------------------------------------------------------------------------- what runs
 
@@ -304,6 +307,7 @@ def _means(rows: list[dict]) -> dict[str, float]:
         if rows and all(k in r for r in rows)
     }
     perf = {k for r in rows for k in r if k.startswith("perf/") and k.endswith(PERF_SUFFIXES)}
+    perf |= {k for r in rows for k in r if k.startswith(IDLE)}
     return means | {k: statistics.fmean(r[k] for r in rows if k in r) for k in sorted(perf)}
 
 
@@ -581,6 +585,29 @@ def phase_table(done: dict[str, dict[str, list[Result]]], precisions: list[str])
     return lines
 
 
+def idle_table(done: dict[str, dict[str, list[Result]]], precisions: list[str]) -> list[str]:
+    """Ours per workload and precision: the step, and each role's idle seconds in it (means
+    of timing/idle/<role> over the timed steps, medians over repeats; '-' where the run has
+    no such role or logs none): where a pipeline stalls, its busy role idles least."""
+    lines = [
+        "| workload | precision | step s | "
+        + " | ".join(f"{role} idle s" for role in IDLE_ROLES)
+        + " |",
+        "|" + "---|" * (3 + len(IDLE_ROLES)),
+    ]
+    for w in WORKLOADS:
+        for p in precisions:
+            ours = _ok(done.get(w.name, {}).get(run_key("ours", p), []))
+            if not any(k.startswith(IDLE) for r in ours for k in r.phases):
+                continue
+            step = _fmt(median(r.phases.get("timing/step") for r in ours), ".2f")
+            idle = [
+                _fmt(median(r.phases.get(IDLE + role) for r in ours), ".2f") for role in IDLE_ROLES
+            ]
+            lines.append(f"| {w.name} | {p} | {step} | {' | '.join(idle)} |")
+    return lines
+
+
 def _note(key: str, x: float | None) -> str:
     """key=value for the run list: two decimals, three significant digits below 1."""
     x = x or 0.0
@@ -706,6 +733,12 @@ def report(done, args, load: tuple, elapsed: float) -> str:
         "`summary.json samples/s` is the run's own figure (2 warm-up steps).",
         "",
         *phase_table(done, args.precision),
+        "",
+        "Ours, idle time per role: means of `timing/idle/<role>` over the timed steps, the "
+        "seconds of a step in which the role's actors ran no call (a rank waiting in the "
+        "weight sync counts as idle; mean over ranks); the role that idles least sets the pace.",
+        "",
+        *idle_table(done, args.precision),
         "",
         TRL_SETTINGS.format(niceness=TRL_NICENESS),
         "",
