@@ -286,6 +286,34 @@ def test_async_grpo_keeps_staleness_bounded_and_learns(sft_model, tmp_path, k):
     assert last > first + 0.5, (first, last)
 
 
+def test_async_with_a_critic_on_two_policy_ranks_and_two_engines(sft_model, tmp_path):
+    """max_staleness=1 with PPO + critic (GAE, two epochs: π_old recomputed on the current
+    weights), two policy ranks, two critic ranks and two engines: every step trains on the
+    batch of the previous weights, each engine's log-probs differ from the trainer's from
+    step 2 on (they sampled with older weights) and agree at step 1, and every role's idle
+    time is logged."""
+    rlhf_train(
+        ppo_config(tmp_path, sft_model, ppo={"estimator": "gae"}),
+        "roles.rollout.max_staleness=1",
+        "ppo.off_policy_correction=tis",
+        "roles.policy.resources.ranks_per_node=2",
+        "roles.critic.resources.ranks_per_node=2",
+        "roles.rollout.resources.ranks_per_node=2",
+        "train.micro_batch_size=4",
+        "train.max_steps=4",
+    )
+    r = rows(tmp_path)
+    assert len(r) == 4
+    for t, x in enumerate(r):
+        assert x["rollout/version"] == max(t - 1, 0) and x["rollout/staleness_max"] == min(t, 1)
+        assert (x["rollout/is_weight_mean"] == pytest.approx(1.0, abs=1e-5)) == (t == 0)
+        assert math.isfinite(x["value/loss"]) and math.isfinite(x["policy/loss"])
+        for role in ("policy", "rollout", "critic", "reference"):
+            assert 0 <= x[f"timing/idle/{role}"] <= x["timing/step"], (role, x)
+    pids = json.loads((tmp_path / "out" / "actors.json").read_text())
+    assert [len(pids[role]) for role in ("policy", "critic", "rollout")] == [2, 2, 2]
+
+
 def test_grpo_learns_in_bf16_and_reports_the_engine_gap(sft_model, tmp_path):
     """The tiny reward task in bf16: autocast trainer, bf16 reference and engine weights. The
     engine's log-probs now differ from the trainer's, and the gap is logged every step."""
