@@ -331,19 +331,37 @@ class ActorGroup(Generic[T]):
 
 
 class WeightSync:
-    """The policy -> rollout sync group, wired once: rank 0 of the policy is the sender, each
-    rollout engine a receiver (see actors.weight_sync)."""
+    """The policy -> rollout sync groups, wired once: rank 0 of the policy is the sender, each
+    rollout engine a receiver (see actors.weight_sync), on the transport `transports` names
+    for it (PlacementPlan.sync_transports; default "auto": NCCL on GPUs, else gloo). Engines
+    of one kind of transport share a group: one for the broadcast (gloo or NCCL), one for
+    the engines on the sender's GPU (CUDA IPC)."""
 
-    def __init__(self, policy: ActorGroup, rollout: ActorGroup):
+    def __init__(
+        self, policy: ActorGroup, rollout: ActorGroup, transports: list[str] | None = None
+    ):
         self.policy, self.rollout = policy, rollout
+        self.transports = transports or ["auto"] * rollout.world_size
+        if len(self.transports) != rollout.world_size:
+            raise ValueError(f"{len(self.transports)} transports for {rollout.world_size} engines")
         self.specs = gather([policy.actors[0].weight_specs.remote()])[0]
         addr = rank0_address(policy.placement, policy.bundle_indices[0])
-        port, world = free_port("127.0.0.1" if addr == "127.0.0.1" else ""), 1 + rollout.world_size
-        refs = policy.call(lambda a: a.init_weight_sync.remote(addr, port, world))
-        refs += [
-            a.init_weight_sync.remote(addr, port, world, 1 + i)
-            for i, a in enumerate(rollout.actors)
-        ]
+        host = "127.0.0.1" if addr == "127.0.0.1" else ""
+        groups, refs = [], []
+        for ipc in (False, True):
+            members = [i for i, t in enumerate(self.transports) if (t == "cuda_ipc") == ipc]
+            kinds = {self.transports[i] for i in members}
+            if len(kinds) > 1:
+                raise ValueError(f"weight sync: engines on both {sorted(kinds)} broadcasts")
+            if not members:
+                continue
+            port, world, transport = free_port(host), 1 + len(members), kinds.pop()
+            groups.append((port, world, transport))
+            refs += [
+                rollout.actors[i].init_weight_sync.remote(addr, port, world, 1 + k, transport)
+                for k, i in enumerate(members)
+            ]
+        refs += policy.call(lambda a: a.init_weight_sync.remote(addr, groups))
         gather(refs)
 
     def submit(self) -> list[ray.ObjectRef]:

@@ -189,7 +189,11 @@ class OnlineRun:
             self.critic = CriticGroup(self.cfg, self.updates, placement)
         if self.cfg.needs_reference:
             self.reference = ReferenceGroup(self.cfg, placement)
-        self.weight_sync = SharedWeights() if hybrid else WeightSync(self.policy, self.rollout)
+        self.weight_sync = (
+            SharedWeights()
+            if hybrid
+            else WeightSync(self.policy, self.rollout, placement.plan.sync_transports())
+        )
         roles = ("policy", "rollout", "reference", "critic", "reward")
         self.perf = RolePerf({role: getattr(self, role) for role in roles})
         write_actor_pids(self.out, {role: getattr(self, role) for role in ROLE_NAMES})

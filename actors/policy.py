@@ -25,7 +25,7 @@ import torch.distributed as dist
 from actors.base import RankInfo, Worker
 from actors.metrics import reduce_metrics
 from actors.rollout import HFBackend, SeededSampler
-from actors.weight_sync import BucketSender, lora_delta, merged_named_weights, open_group
+from actors.weight_sync import BucketSender, lora_delta, merged_named_weights, open_channel
 from rlhf.config import RolloutConfig, RunConfig, TrainConfig
 from rlhf.logs import warn_once
 from rlhf.models import load_model, load_tokenizer, merge_lora, write_adapter_info
@@ -366,16 +366,16 @@ class DeepSpeedTrainer(Worker):
             specs.append((name, shape, str(p.dtype).replace("torch.", "")))
         return specs
 
-    def init_weight_sync(self, addr: str, port: int, world_size: int) -> None:
-        """Rank 0 joins the sync group as its rank 0 (and packs the buckets); other ranks only
-        help gather."""
-        self.sync_sender = (
-            BucketSender(
-                open_group(addr, port, world_size, 0, self.device), self.weight_specs(), self.device
-            )
-            if self.info.rank == 0
-            else None
-        )
+    def init_weight_sync(self, addr: str, groups: list[tuple[int, int, str]]) -> None:
+        """Rank 0 joins each sync group, (port, world size, transport), as its rank 0 (and
+        packs the buckets); other ranks only help gather."""
+        self.sync_sender = None
+        if self.info.rank == 0:
+            channels = [
+                open_channel(addr, port, world, 0, transport, self.device)
+                for port, world, transport in groups
+            ]
+            self.sync_sender = BucketSender(channels, self.weight_specs(), self.device)
 
     @torch.no_grad()
     def broadcast_weights(self) -> int:

@@ -314,8 +314,10 @@ class RolloutGenerator(Worker):
             return ModelShape.from_config(config), self.backend.dtype
         return model, model.dtype
 
-    def init_weight_sync(self, addr: str, port: int, world_size: int, rank: int) -> None:
-        self.receiver = WeightReceiver(addr, port, world_size, rank, self.device)
+    def init_weight_sync(
+        self, addr: str, port: int, world_size: int, rank: int, transport: str = "auto"
+    ) -> None:
+        self.receiver = WeightReceiver(addr, port, world_size, rank, self.device, transport)
 
     def receive_weights(self, specs: list[tuple[str, list[int], str]]) -> int:
         """Receive a full weight broadcast from the policy; returns how many tensors arrived."""

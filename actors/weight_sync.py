@@ -1,20 +1,27 @@
-"""Policy -> rollout weight transfer over a dedicated process group.
+"""Policy -> rollout weight transfer over dedicated process groups.
 
-The group is built straight from a TCPStore (rank 0 = the policy's rank 0, ranks 1.. = the
-rollout engines), beside each process's training group: gloo on CPU, NCCL on GPU. Weights
-are gathered parameter by parameter (one at a time under ZeRO-3, so no rank ever holds the
-whole model twice). Tensors of DIRECT_BYTES or more are broadcast as they are (straight into
-the HF engine's parameter on arrival); smaller ones are packed, in order, into flat byte
-buckets of at most BUCKET_BYTES, one broadcast per bucket: a broadcast per small tensor spent
-most of a small model's sync on latency (~0.5 ms each on gloo), and staging the large ones
-would only add a copy. Both sides derive the same layout from the weight specs. LoRA
-policies send merged weights under the base model's names.
+The groups are built straight from TCPStores (rank 0 = the policy's rank 0, ranks 1.. = the
+rollout engines), beside each process's training group. The transport of each engine is
+chosen from the placement plan at setup (PlacementPlan.sync_transports): a broadcast on
+gloo on CPU, NCCL across GPUs; and CUDA IPC for an engine on the sender's own GPU, since
+NCCL refuses a communicator with two ranks on one GPU: the sender hands each tensor over as
+an IPC handle on a small gloo group, the engine copies from the mapped memory, and both meet
+at a barrier before the sender reuses or frees it. Weights are gathered parameter by
+parameter (one at a time under ZeRO-3, so no rank ever holds the whole model twice).
+Tensors of DIRECT_BYTES or more travel as they are (straight into the HF engine's parameter
+on arrival); smaller ones are packed, in order, into flat byte buckets of at most
+BUCKET_BYTES, one transfer per bucket: a broadcast per small tensor spent most of a small
+model's sync on latency (~0.5 ms each on gloo), and staging the large ones would only add a
+copy. Both sides derive the same layout from the weight specs. LoRA policies send merged
+weights under the base model's names.
 """
 
 from __future__ import annotations
 
 import datetime
+import io
 import math
+import pickle
 from collections.abc import Iterator
 
 import torch
@@ -74,22 +81,89 @@ def bucket_nbytes(specs: list[WeightSpec], bucket: list[tuple[int, int]]) -> int
     return offset + spec_nbytes(specs[last])
 
 
-class BucketSender:
-    """Packs the tensors given to `add`, in spec order, and broadcasts each bucket once full.
+#: The transports of PlacementPlan.sync_transports, and "auto": NCCL on a GPU, else gloo (a
+#: sync whose groups were started without a placement plan).
+TRANSPORTS = ("gloo", "nccl", "cuda_ipc", "auto")
 
-    One staging buffer (the largest bucket) is reused: each broadcast completes before the
+
+class Broadcast:
+    """A tensor from rank 0 to every other rank of a gloo or NCCL group, in place."""
+
+    def __init__(self, group):
+        self.group = group
+
+    def send(self, tensor: torch.Tensor) -> None:
+        self.group.broadcast(tensor, 0).wait()
+
+    def recv_into(self, tensor: torch.Tensor) -> None:
+        self.group.broadcast(tensor, 0).wait()
+
+
+class CudaIpc:
+    """A tensor from rank 0 to the other ranks of a gloo group whose members share rank 0's
+    GPU: rank 0 broadcasts the tensor's CUDA IPC handle (torch's own reduction of a CUDA
+    tensor, pickled), each receiver maps the memory, copies it into its tensor, and all meet
+    at a barrier (an all-reduce) before `send` returns, so the sender may then reuse or free
+    the memory. The handles are read back by an unpickler that admits torch's classes only."""
+
+    def __init__(self, group):
+        self.group = group
+
+    def _barrier(self) -> None:
+        self.group.allreduce([torch.zeros(1)]).wait()
+
+    def send(self, tensor: torch.Tensor) -> None:
+        from torch.multiprocessing.reductions import reduce_tensor
+
+        torch.cuda.current_stream(tensor.device).synchronize()  # the data is written
+        _, args = reduce_tensor(tensor.detach())
+        payload = torch.frombuffer(bytearray(pickle.dumps(args)), dtype=torch.uint8)
+        self.group.broadcast(torch.tensor([payload.numel()]), 0).wait()
+        self.group.broadcast(payload, 0).wait()
+        self._barrier()
+
+    def recv_into(self, tensor: torch.Tensor) -> None:
+        from torch.multiprocessing.reductions import rebuild_cuda_tensor
+
+        size = torch.zeros(1, dtype=torch.int64)
+        self.group.broadcast(size, 0).wait()
+        payload = torch.empty(int(size.item()), dtype=torch.uint8)
+        self.group.broadcast(payload, 0).wait()
+        args = list(_TorchUnpickler(io.BytesIO(payload.numpy().tobytes())).load())
+        args[6] = torch.cuda.current_device()  # the shared GPU, as this process numbers it
+        shared = rebuild_cuda_tensor(*args)
+        tensor.copy_(shared)
+        torch.cuda.current_stream().synchronize()
+        del shared
+        self._barrier()
+
+
+class _TorchUnpickler(pickle.Unpickler):
+    """Loads a CUDA IPC reduction (classes and dtypes of torch, plain values), nothing else."""
+
+    def find_class(self, module: str, name: str):
+        if module == "torch" or module.startswith("torch."):
+            return super().find_class(module, name)
+        raise pickle.UnpicklingError(f"weight sync: refusing {module}.{name} in an IPC handle")
+
+
+class BucketSender:
+    """Packs the tensors given to `add`, in spec order, and hands each bucket once full to
+    every channel (Broadcast, CudaIpc).
+
+    One staging buffer (the largest bucket) is reused: each transfer completes before the
     next bucket is packed into it.
     """
 
     def __init__(
         self,
-        group,
+        channels: list,
         specs: list[WeightSpec],
         device: str,
         cap: int = BUCKET_BYTES,
         direct: int = DIRECT_BYTES,
     ):
-        self.group, self.specs = group, specs
+        self.channels, self.specs = channels, specs
         self.buckets = plan_buckets(specs, cap, direct)
         self.direct = [is_direct(specs, b, direct) for b in self.buckets]
         staged = [
@@ -113,15 +187,19 @@ class BucketSender:
         self.slot += 1
         self.sent += 1
         if self.direct[self.bucket]:
-            self.group.broadcast(tensor.detach().contiguous(), 0).wait()
+            self._send(tensor.detach().contiguous())
             self.bucket, self.slot = self.bucket + 1, 0
             return
         flat = tensor.detach().contiguous().view(-1).view(torch.uint8)
         self.buffer[offset : offset + flat.numel()].copy_(flat)
         if self.slot == len(self.buckets[self.bucket]):
             size = bucket_nbytes(self.specs, self.buckets[self.bucket])
-            self.group.broadcast(self.buffer[:size], 0).wait()
+            self._send(self.buffer[:size])
             self.bucket, self.slot = self.bucket + 1, 0
+
+    def _send(self, tensor: torch.Tensor) -> None:
+        for channel in self.channels:
+            channel.send(tensor)
 
     def finish(self) -> int:
         """Tensors sent; refuses a transfer that stopped short of the specs."""
@@ -130,15 +208,27 @@ class BucketSender:
         return self.sent
 
 
-def open_group(addr: str, port: int, world_size: int, rank: int, device: str):
+def open_group(addr: str, port: int, world_size: int, rank: int, backend: str):
+    """A process group of its own ("gloo" or "nccl"), outside torch.distributed's default."""
     store = tcp_store(addr, port, world_size, rank, TIMEOUT)
-    if device.startswith("cuda"):
+    if backend == "nccl":
         from torch.distributed.distributed_c10d import ProcessGroupNCCL
 
         return ProcessGroupNCCL(store, rank, world_size)
     from torch.distributed.distributed_c10d import ProcessGroupGloo
 
     return ProcessGroupGloo(store, rank, world_size, TIMEOUT)
+
+
+def open_channel(addr: str, port: int, world_size: int, rank: int, transport: str, device: str):
+    """The channel of one transport (TRANSPORTS) between the sender (rank 0) and its engines."""
+    if transport not in TRANSPORTS:
+        raise ValueError(f"weight sync: unknown transport {transport!r} (one of {TRANSPORTS})")
+    if transport == "cuda_ipc":
+        return CudaIpc(open_group(addr, port, world_size, rank, "gloo"))
+    if transport == "auto":
+        transport = "nccl" if device.startswith("cuda") else "gloo"
+    return Broadcast(open_group(addr, port, world_size, rank, transport))
 
 
 def merged_named_weights(module) -> Iterator[tuple[str, torch.nn.Parameter | torch.Tensor, object]]:
@@ -170,8 +260,10 @@ def lora_delta(layer) -> torch.Tensor:
 
 
 class WeightReceiver:
-    def __init__(self, addr: str, port: int, world_size: int, rank: int, device: str):
-        self.group = open_group(addr, port, world_size, rank, device)
+    def __init__(
+        self, addr: str, port: int, world_size: int, rank: int, device: str, transport="auto"
+    ):
+        self.channel = open_channel(addr, port, world_size, rank, transport, device)
         self.device = device
 
     def receive(
@@ -190,11 +282,11 @@ class WeightReceiver:
                 target = (into or {}).get(name)
                 if not _fits(target, shape, dtype):
                     target = torch.empty(shape, dtype=getattr(torch, dtype), device=self.device)
-                self.group.broadcast(target, 0).wait()
+                self.channel.recv_into(target)
                 yield name, target
                 continue
             buf = torch.empty(bucket_nbytes(specs, bucket), dtype=torch.uint8, device=self.device)
-            self.group.broadcast(buf, 0).wait()
+            self.channel.recv_into(buf)
             for index, offset in bucket:
                 name, shape, dtype = specs[index]
                 n = spec_nbytes(specs[index])

@@ -625,6 +625,26 @@ class PlacementPlan:
     def role_slots(self, role: str) -> list[RankSlot]:
         return [s for s in self.slots if s.role == role]
 
+    def sync_transports(self) -> list[str]:
+        """How the policy's weights reach each rollout engine (actors.weight_sync), from where
+        the plan puts the sender (the policy's rank 0) and the engine: "cuda_ipc" when they
+        share a GPU (NCCL refuses a communicator with two ranks on one GPU, so a colocated
+        engine maps the sender's memory instead), "nccl" across GPUs, "gloo" when either side
+        is on the CPU. Empty without separate engines (the hybrid engine shares the weights)."""
+        policy = self.role_slots("policy")
+        if not policy:
+            return []
+        sender = policy[0]
+        out = []
+        for engine in self.role_slots("rollout"):
+            if not sender.devices or not engine.devices:
+                out.append("gloo")
+            elif engine.node == sender.node and set(engine.devices) & set(sender.devices):
+                out.append("cuda_ipc")
+            else:
+                out.append("nccl")
+        return out
+
     def node(self, node_id: str) -> NodeSpec:
         return next(n for n in self.nodes if n.id == node_id)
 
@@ -722,6 +742,7 @@ class _Planner:
         self._bundles()
         self._check_nodes()
         self._check_gpus()
+        self._check_sync()
         if self.cfg.roles.rollout.sleep and "rollout" in roles and not self.plan.sleep:
             self.plan.warnings.append(
                 "roles.rollout.sleep applies to vLLM engines on GPUs; ignored"
@@ -921,6 +942,26 @@ class _Planner:
         gpu_memory = next((n.gpu_memory for n in self.plan.nodes if n.gpu_memory), None)
         if rollout is not None and rollout.on_gpu and gpu_memory:
             self._check_vllm_budget(rollout, gpu_memory)
+
+    def _check_sync(self) -> None:
+        """The NCCL weight-sync communicator (the policy's rank 0 and the engines not on its
+        GPU) may hold one rank per GPU."""
+        engines = self.plan.role_slots("rollout")
+        if not engines or not self.plan.role_slots("policy"):
+            return  # nothing to sync, or a role that could not be planned (said already)
+        nccl = [e for e, t in zip(engines, self.plan.sync_transports(), strict=True) if t == "nccl"]
+        holders: dict[tuple[str | None, int], list[str]] = {}
+        for slot in [self.plan.role_slots("policy")[0], *nccl] if nccl else []:
+            for dev in slot.devices:
+                holders.setdefault((slot.node, dev), []).append(f"{slot.role}[{slot.rank}]")
+        for (node, dev), ranks in sorted(holders.items(), key=str):
+            if len(ranks) > 1:
+                self.problem(
+                    f"node {self.plan.node(node).name if node else '?'} GPU {dev}: "
+                    f"{' and '.join(ranks)} would be two ranks of one NCCL weight-sync "
+                    "communicator on one GPU, which NCCL refuses: give each engine a GPU of its "
+                    "own, or put it on the GPU of policy rank 0 (synced through CUDA IPC)"
+                )
 
     def _check_vllm_budget(self, est: MemoryEstimate, gpu_memory: float) -> None:
         r = self.cfg.roles.rollout

@@ -267,6 +267,63 @@ def test_refusals_name_the_role_and_the_shortfall():
     assert "roles.reward: no node has 2 free CPU(s)" in cpus
 
 
+def test_weight_sync_transport_follows_the_placement():
+    """PlacementPlan.sync_transports for every placement: gloo on CPU, CUDA IPC for an engine
+    on the GPU of the policy's rank 0 (the sender), NCCL across GPUs, nothing for the hybrid
+    engine; a plan that would put two ranks of the NCCL communicator on one GPU is refused."""
+    one_gpu = ["cluster.nodes=1", "cluster.gpus_per_node=1", "cluster.cpus_per_node=8"]
+
+    def plan(*overrides):
+        return plan_placement(_ppo(*overrides))
+
+    assert plan().sync_transports() == ["gloo"]  # CPU roles
+    assert plan("roles.rollout.resources.ranks_per_node=2").sync_transports() == ["gloo"] * 2
+    shared = plan(
+        *one_gpu,
+        "roles.placement=colocate",
+        "roles.policy.resources.gpus_per_rank=0.5",
+        "roles.rollout.resources.ranks_per_node=2",
+        "roles.rollout.resources.gpus_per_rank=0.25",
+    )
+    assert shared.problems() == [] and shared.sync_transports() == ["cuda_ipc", "cuda_ipc"]
+    two_nodes = plan(
+        *TWO_NODES,
+        "roles.placement=colocate",
+        "roles.policy.resources.num_nodes=2",
+        "roles.policy.resources.ranks_per_node=2",
+        "roles.policy.resources.gpus_per_rank=0.5",
+        "roles.rollout.resources.num_nodes=2",
+        "roles.rollout.resources.ranks_per_node=2",
+        "roles.rollout.resources.gpus_per_rank=0.5",
+        "train.micro_batch_size=2",
+    )
+    # Engine r shares the GPU of policy rank r: only engine 0 shares the sender's.
+    assert two_nodes.problems() == []
+    assert two_nodes.sync_transports() == ["cuda_ipc", "nccl", "nccl", "nccl"]
+    apart = plan(
+        *TWO_NODES,
+        "roles.placement=disaggregate",
+        "roles.policy.resources.gpus_per_rank=1",
+        "roles.rollout.resources.ranks_per_node=2",
+        "roles.rollout.resources.gpus_per_rank=1",
+    )
+    assert apart.problems() == [] and apart.sync_transports() == ["nccl", "nccl"]
+    hybrid = plan(*TWO_NODES, "roles.rollout.hybrid=true", "roles.policy.resources.gpus_per_rank=1")
+    assert hybrid.sync_transports() == []
+    crowded = plan(
+        *TWO_NODES,
+        "roles.placement=disaggregate",
+        "roles.policy.resources.gpus_per_rank=1",
+        "roles.rollout.resources.ranks_per_node=2",
+        "roles.rollout.resources.gpus_per_rank=0.5",
+    )
+    assert crowded.sync_transports() == ["nccl", "nccl"]
+    assert (
+        "node node0 GPU 1: rollout[0] and rollout[1] would be two ranks of one NCCL weight-sync "
+        "communicator on one GPU" in "\n".join(crowded.problems())
+    )
+
+
 def test_memory_overflow_is_refused_naming_the_roles():
     args = [
         *SEVEN_B,

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
 
@@ -92,6 +94,52 @@ def test_after_sync_rollout_greedy_equals_policy_greedy(
         rollout.shutdown()
 
 
+@pytest.mark.gpu
+def test_colocated_engine_syncs_through_cuda_ipc(ray_local, tiny_path, tiny_tokenizer):
+    """A policy rank and an engine on one GPU (half each): NCCL would refuse the pair, so the
+    weights go through CUDA IPC handles; after two trained steps and a push, the engine's
+    greedy output is the policy's, and a second push after more training follows it too."""
+    cfg = _cfg(
+        tiny_path,
+        "roles.policy.resources.gpus_per_rank=0.5",
+        "roles.rollout.resources.gpus_per_rank=0.5",
+    )
+    prompts = _prompts(cfg, tiny_tokenizer)
+    policy = ActorGroup("policy", PolicyTrainer, cfg.roles.policy.resources, cfg, 10)
+    rollout = ActorGroup("rollout", RolloutGenerator, cfg.roles.rollout.resources, cfg)
+    pref = load_split(cfg.data.train, cfg.data, "preference", tiny_tokenizer)
+    collate = make_collator("preference", tiny_tokenizer.pad_token_id)
+    try:
+        sync = WeightSync(policy, rollout, ["cuda_ipc"])
+        for push in range(2):
+            for step in range(2):
+                batch = collate([pref[4 * push + 2 * step], pref[4 * push + 2 * step + 1]])
+                policy.gather(policy.call(lambda a, b=batch: a.train_step.remote([b], [None])))
+            expected = policy.gather(policy.call(lambda a: a.greedy_generate.remote(prompts, 12)))
+            assert sync.push() == [len(sync.specs), len(sync.specs)]
+            synced = rollout.gather(rollout.call(lambda a: a.generate.remote(prompts)))[0]
+            n = synced.response_ids.shape[1]
+            mask = synced.response_mask
+            assert torch.equal(synced.response_ids[mask], expected[0][:, :n][mask]), push
+    finally:
+        policy.shutdown()
+        rollout.shutdown()
+
+
+def test_ipc_handles_are_read_with_torch_classes_only():
+    """The CUDA IPC channel unpickles handles that admit torch's classes and plain values;
+    anything else in a payload is refused, not called."""
+    import io
+    import pickle
+
+    from actors.weight_sync import _TorchUnpickler
+
+    ok = pickle.dumps((torch.Tensor, torch.Size([2, 3]), torch.float32, 0, b"handle", True))
+    assert _TorchUnpickler(io.BytesIO(ok)).load()[2] is torch.float32
+    with pytest.raises(pickle.UnpicklingError, match=r"refusing (os|posix|nt)\.system"):
+        _TorchUnpickler(io.BytesIO(pickle.dumps((os.system,)))).load()
+
+
 def test_rollout_logps_match_a_forward_pass(ray_local, tiny_path, tiny_tokenizer):
     from rlhf.config import ModelConfig
     from rlhf.models import load_model
@@ -135,6 +183,7 @@ def test_weight_buckets_layout_and_a_real_gloo_transfer():
     from actors.net import free_port
     from actors.weight_sync import (
         ALIGN,
+        Broadcast,
         BucketSender,
         WeightReceiver,
         bucket_nbytes,
@@ -183,7 +232,8 @@ def test_weight_buckets_layout_and_a_real_gloo_transfer():
 
     thread = threading.Thread(target=receive)
     thread.start()
-    sender = BucketSender(open_group("127.0.0.1", port, 2, 0, "cpu"), specs, "cpu", cap, direct)
+    group = open_group("127.0.0.1", port, 2, 0, "gloo")
+    sender = BucketSender([Broadcast(group)], specs, "cpu", cap, direct)
     assert sender.buffer.numel() == 120  # "e", the largest staged bucket ("big" is not staged)
     for sent in rounds:  # the staging buffer is reused from one transfer to the next
         sender.begin()
