@@ -172,11 +172,12 @@ class IdleClock:
         self.offset = time.time() - time.perf_counter()
 
     def idle(self, since: float, until: float, perf_counter: bool = True) -> dict[str, float]:
+        window = until - since  # as the caller measured it (the wall clock rounds coarser)
         if perf_counter:
             since, until = since + self.offset, until + self.offset
         by_role: dict[str, list[float]] = {}
         for (role, _), busy in gather([self.ledger.busy.remote(since, until)])[0].items():
-            by_role.setdefault(role, []).append(max(0.0, until - since - busy))
+            by_role.setdefault(role, []).append(min(window, max(0.0, window - busy)))
         return {f"timing/idle/{role}": sum(v) / len(v) for role, v in sorted(by_role.items())}
 
     def close(self) -> None:
