@@ -30,6 +30,7 @@ from actors.rollout import RolloutGenerator
 from rlhf.config import ConfigError, RoleResources, RolloutConfig, RunConfig
 from rlhf.objectives import RefLogps
 from rlhf.placement import PlacementPlan, nodes_from_ray, plan_placement
+from rlhf.roles import engine_spec, reference_spec, reward_spec, trainer_spec
 
 #: Ray's built-in node label (Ray >= 2.49): a bundle selecting it lands on exactly that node.
 NODE_ID_LABEL = "ray.io/node-id"
@@ -432,7 +433,8 @@ class TrainerGroup(ActorGroup[T]):
 class PolicyGroup(TrainerGroup[PolicyTrainer]):
     def __init__(self, cfg: RunConfig, total_steps: int, placement: ClusterPlacement | None = None):
         res = cfg.roles.policy.resources
-        super().__init__("policy", PolicyTrainer, res, cfg, total_steps, placement=placement)
+        spec = trainer_spec(cfg, "policy")
+        super().__init__("policy", PolicyTrainer, res, spec, total_steps, placement=placement)
 
     def train_step(self, per_rank: list[tuple[list, list]]) -> list[StepResult]:
         return self.gather(self.submit_train_step(per_rank))
@@ -456,13 +458,15 @@ class PolicyGroup(TrainerGroup[PolicyTrainer]):
 class CriticGroup(TrainerGroup[CriticTrainer]):
     def __init__(self, cfg: RunConfig, total_steps: int, placement: ClusterPlacement | None = None):
         res = cfg.roles.critic.resources
-        super().__init__("critic", CriticTrainer, res, cfg, total_steps, placement=placement)
+        spec = trainer_spec(cfg, "critic")
+        super().__init__("critic", CriticTrainer, res, spec, total_steps, placement=placement)
 
 
 class ReferenceGroup(ActorGroup[ReferenceModel]):
     def __init__(self, cfg: RunConfig, placement: ClusterPlacement | None = None):
         res = cfg.roles.reference.resources
-        super().__init__("reference", ReferenceModel, res, cfg, placement=placement)
+        spec = reference_spec(cfg)
+        super().__init__("reference", ReferenceModel, res, spec, placement=placement)
 
     def logps(self, batches: list) -> list[ray.ObjectRef]:
         """Submit batches round-robin over the ranks; one ref per rank that got any."""
@@ -481,7 +485,8 @@ class ReferenceGroup(ActorGroup[ReferenceModel]):
 class RolloutGroup(ActorGroup[RolloutGenerator]):
     def __init__(self, cfg: RunConfig, placement: ClusterPlacement | None = None):
         res = cfg.roles.rollout.resources
-        super().__init__("rollout", RolloutGenerator, res, cfg, placement=placement)
+        spec = engine_spec(cfg)
+        super().__init__("rollout", RolloutGenerator, res, spec, placement=placement)
 
     def generate(
         self, per_engine: list, step: int | None, sampling: RolloutConfig | None = None
@@ -493,9 +498,8 @@ class RolloutGroup(ActorGroup[RolloutGenerator]):
 
 class RewardGroup(ActorGroup[RewardModel]):
     def __init__(self, cfg: RunConfig, placement: ClusterPlacement | None = None):
-        super().__init__(
-            "reward", RewardModel, cfg.roles.reward.resources, cfg, placement=placement
-        )
+        res, spec = cfg.roles.reward.resources, reward_spec(cfg)
+        super().__init__("reward", RewardModel, res, spec, placement=placement)
 
     def score(self, prompts: list[str], responses: list[str]) -> ray.ObjectRef:
         """Scores of the responses, on the first rank (one ref)."""

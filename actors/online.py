@@ -41,6 +41,7 @@ from rlhf.flops import online_step_flops
 from rlhf.kl import logp_gap, make_kl_controller
 from rlhf.models import load_tokenizer
 from rlhf.objectives import KLPenalty
+from rlhf.roles import reward_spec
 from rlhf.rollout import (
     INFLIGHT,
     Rollout,
@@ -182,7 +183,7 @@ class OnlineRun:
         hybrid = self.cfg.roles.rollout.hybrid
         self.rollout = self.policy if hybrid else RolloutGroup(self.cfg, placement)
         if self.cfg.roles.reward.in_driver:
-            self.scorer = make_scorer(self.cfg)
+            self.scorer = make_scorer(reward_spec(self.cfg))
         else:
             self.reward = RewardGroup(self.cfg, placement)
         if self.cfg.needs_critic:

@@ -26,20 +26,19 @@ from actors.base import RankInfo, Worker
 from actors.metrics import reduce_metrics
 from actors.rollout import HFBackend, SeededSampler
 from actors.weight_sync import BucketSender, lora_delta, merged_named_weights, open_channel
-from rlhf.config import RolloutConfig, RunConfig, TrainConfig
+from rlhf.config import RolloutConfig, TrainConfig
 from rlhf.logs import warn_once
 from rlhf.models import load_model, load_tokenizer, merge_lora, write_adapter_info
 from rlhf.objectives import (
     KLPenalty,
     RefLogps,
     metric_sums,
-    model_kind,
-    objective_for,
     token_logps,
     token_values,
 )
 from rlhf.optim import make_scheduler
 from rlhf.precision import Precision, model_width, resolve_precision
+from rlhf.roles import TrainerSpec
 from rlhf.rollout import Rollout
 
 log = logging.getLogger(__name__)
@@ -105,10 +104,10 @@ def make_optimizer(params, train: TrainConfig) -> torch.optim.Optimizer:
     return _skippable(cls)(params, **kwargs)
 
 
-def deepspeed_config(cfg: RunConfig, world_size: int, precision: Precision) -> dict:
+def deepspeed_config(spec: TrainerSpec, world_size: int, precision: Precision) -> dict:
     """The engine's config. DeepSpeed's bf16/fp16 modes on GPU only: on CPU a mixed-precision
     run computes under autocast over fp32 weights (rlhf.precision)."""
-    t = cfg.train
+    t, rows = spec.train, spec.rows_per_update
     on_gpu = precision.device_type != "cpu"
     zero: dict = {"stage": t.zero_stage}
     if t.offload_optimizer:
@@ -116,9 +115,9 @@ def deepspeed_config(cfg: RunConfig, world_size: int, precision: Precision) -> d
     if t.zero_stage == 3:
         zero["stage3_gather_16bit_weights_on_model_save"] = True
     return {
-        "train_batch_size": cfg.rows_per_update,
+        "train_batch_size": rows,
         "train_micro_batch_size_per_gpu": t.micro_batch_size,
-        "gradient_accumulation_steps": cfg.rows_per_update // (t.micro_batch_size * world_size),
+        "gradient_accumulation_steps": rows // (t.micro_batch_size * world_size),
         "gradient_clipping": t.max_grad_norm or 0.0,
         "zero_optimization": zero,
         "bf16": {"enabled": precision.deepspeed == "bf16"},
@@ -144,24 +143,16 @@ class DeepSpeedTrainer(Worker):
     kind: str = "causal"
     role: str = "policy"
 
-    def __init__(
-        self,
-        info: RankInfo,
-        cfg: RunConfig,
-        total_steps: int,
-        model_cfg=None,
-        lr: float | None = None,
-    ):
+    def __init__(self, info: RankInfo, spec: TrainerSpec, total_steps: int):
         super().__init__(info)
         import deepspeed
 
-        self.cfg = cfg
+        self.spec, self.kind = spec, spec.kind
         self.init_process_group()
         # Identical initial weights (e.g. freshly initialised heads) on every rank.
-        torch.manual_seed(cfg.train.seed)
-        model_cfg = model_cfg or cfg.model
-        self.model_cfg = model_cfg
-        self.tokenizer = load_tokenizer(cfg.model)
+        torch.manual_seed(spec.train.seed)
+        model_cfg = self.model_cfg = spec.model
+        self.tokenizer = load_tokenizer(spec.tokenizer)
         # Trainers load fp32 weights: the masters. DeepSpeed (GPU) casts the module to
         # bf16/fp16; on CPU autocast computes in bf16 from them.
         if not model_cfg.quantization:
@@ -169,32 +160,31 @@ class DeepSpeedTrainer(Worker):
         model = load_model(
             model_cfg,
             self.kind,
-            num_labels=cfg.data.num_labels,
+            num_labels=spec.num_labels,
             device=self.device,
             pad_token_id=self.tokenizer.pad_token_id,
         )
         width = model_width(model.config)
-        self.precision = resolve_precision(cfg.train.precision, self.device, width)
+        self.precision = resolve_precision(spec.train.precision, self.device, width)
         if info.rank == 0:
             print(f"{self.role}: {self.precision}", flush=True)
-        train_cfg = cfg.train if lr is None else cfg.train.model_copy(update={"lr": lr})
         params = [p for p in model.parameters() if p.requires_grad]
-        optimizer = make_optimizer(params, train_cfg)
-        scheduler = make_scheduler(optimizer, train_cfg, total_steps)
+        optimizer = make_optimizer(params, spec.train)
+        scheduler = make_scheduler(optimizer, spec.train, total_steps)
         self.engine, self.optimizer, _, self.scheduler = deepspeed.initialize(
             model=model,
             optimizer=optimizer,
             lr_scheduler=scheduler,
-            config=deepspeed_config(cfg, info.world_size, self.precision),
+            config=deepspeed_config(spec, info.world_size, self.precision),
         )
         self._inner_optimizer = optimizer
-        if info.world_size == 1 and cfg.train.zero_stage == 0 and not self.precision.deepspeed:
+        if info.world_size == 1 and spec.train.zero_stage == 0 and not self.precision.deepspeed:
             # One rank: the gradient all-reduce is an identity, but DeepSpeed still flattens
             # every gradient, reduces over a 1-process group and copies back (~20% of a
             # SmolLM2 step on CPU).
             self.engine.enable_backward_allreduce = False
-        # The algorithm's loss, chosen once (rlhf.objectives.OBJECTIVES).
-        self.objective = objective_for(cfg, self.role)
+        # The algorithm's loss, chosen once by the driver (rlhf.objectives.OBJECTIVES).
+        self.objective = spec.objective
         self.steps_done = 0
         self._nan_steps = {
             int(s) for s in os.environ.get(FAULT_NAN_STEPS, "").split(",") if s.strip()
@@ -224,7 +214,7 @@ class DeepSpeedTrainer(Worker):
             batch = batch.to(self.device)
             ref = _ref_to(ref, self.device)
             with self.precision.compute():
-                loss, metrics = self.objective(self.engine, batch, ref, self.cfg)
+                loss, metrics = self.objective(self.engine, batch, ref)
             if inject:
                 loss = loss * float("nan")
             if not torch.isfinite(loss):
@@ -252,7 +242,7 @@ class DeepSpeedTrainer(Worker):
             for batch, ref in zip(micro_batches, refs, strict=True)
         )
         with self.precision.compute():
-            return metric_sums(self.objective, self.engine, pairs, self.cfg)
+            return metric_sums(self.objective, self.engine, pairs)
 
     @torch.no_grad()
     def forward(
@@ -317,7 +307,7 @@ class DeepSpeedTrainer(Worker):
         import deepspeed
 
         module = self.engine.module
-        zero3 = self.cfg.train.zero_stage == 3
+        zero3 = self.spec.train.zero_stage == 3
         ctx = (
             deepspeed.zero.GatheredParameters(list(module.parameters()), modifier_rank=None)
             if zero3
@@ -341,14 +331,14 @@ class DeepSpeedTrainer(Worker):
             # peft keeps only the adapter's (and modules_to_save's) entries of the full state.
             module.save_pretrained(adapter_dir, state_dict=state, safe_serialization=True)
             self.tokenizer.save_pretrained(adapter_dir)
-            num_labels = self.cfg.data.num_labels if self.kind == "classifier" else 1
+            num_labels = self.spec.num_labels if self.kind == "classifier" else 1
             write_adapter_info(adapter_dir, self.model_cfg.name_or_path, self.kind, num_labels)
             if merge:
                 merge_lora(
                     self.model_cfg.name_or_path,
                     str(adapter_dir),
                     out,
-                    trust_remote_code=self.cfg.model.trust_remote_code,
+                    trust_remote_code=self.model_cfg.trust_remote_code,
                 )
                 shutil.rmtree(adapter_dir)
         else:
@@ -383,7 +373,7 @@ class DeepSpeedTrainer(Worker):
         ZeRO-3, which gather one parameter at a time)."""
         import deepspeed
 
-        zero3 = self.cfg.train.zero_stage == 3
+        zero3 = self.spec.train.zero_stage == 3
         sender = self.sync_sender
         if sender is not None:
             sender.begin()
@@ -431,26 +421,14 @@ class CriticTrainer(DeepSpeedTrainer):
     kind = "critic"
     role = "critic"
 
-    def __init__(self, info: RankInfo, cfg: RunConfig, total_steps: int):
-        c, r = cfg.roles.critic, cfg.roles.reward
-        model_cfg = c.model or (r.model if r.type == "model" else None) or cfg.model
-        super().__init__(
-            info,
-            cfg,
-            total_steps,
-            model_cfg=model_cfg.model_copy(update={"quantization": None}),
-            lr=c.lr,
-        )
-
 
 class PolicyTrainer(DeepSpeedTrainer):
     """The trained model (its kind follows the algorithm: causal LM, or a reward model /
     classifier for algorithm: rm). With roles.rollout.hybrid it is also its rank's rollout
     engine."""
 
-    def __init__(self, info: RankInfo, cfg: RunConfig, total_steps: int):
-        self.kind = model_kind(cfg)
-        super().__init__(info, cfg, total_steps)
+    def __init__(self, info: RankInfo, spec: TrainerSpec, total_steps: int):
+        super().__init__(info, spec, total_steps)
         self._sampler: SeededSampler | None = None
 
     @torch.no_grad()
@@ -461,8 +439,8 @@ class PolicyTrainer(DeepSpeedTrainer):
         current weights, so nothing to sync), with the same seeds, under a forked RNG so the
         trainer's random stream (dropout, say) is the same as with a separate engine."""
         if self._sampler is None:
-            backend = HFBackend(self.cfg, self.device, model=self.engine.module)
-            self._sampler = SeededSampler(self.cfg, self.info.rank, backend)
+            backend = HFBackend(self.spec.engine, self.device, model=self.engine.module)
+            self._sampler = SeededSampler(self.spec.engine, self.info.rank, backend)
         self.engine.eval()
         devices = [torch.cuda.current_device()] if self.device != "cpu" else []
         with torch.random.fork_rng(devices=devices):

@@ -6,19 +6,16 @@ from __future__ import annotations
 import torch
 
 from actors.base import RankInfo, Worker
-from rlhf.config import RunConfig
 from rlhf.models import load_model
 from rlhf.objectives import RefLogps, reference_logps, token_logps
+from rlhf.roles import ReferenceSpec
 
 
 class ReferenceModel(Worker):
-    def __init__(self, info: RankInfo, cfg: RunConfig):
+    def __init__(self, info: RankInfo, spec: ReferenceSpec):
         super().__init__(info)
-        # The policy's initial weights: the base model without the policy's adapter (a fresh
-        # LoRA adapter is zero, so base == initial policy); its own model when configured.
-        model_cfg = (cfg.roles.reference.model or cfg.model).model_copy(update={"lora": None})
         self.model = load_model(
-            model_cfg, "causal", trainable=False, device=self.device, precision=cfg.train.precision
+            spec.model, "causal", trainable=False, device=self.device, precision=spec.precision
         )
 
     def perf_module(self):

@@ -17,7 +17,8 @@ from collections.abc import Callable
 import torch
 
 from actors.base import RankInfo, Worker
-from rlhf.config import ModelConfig, RewardConfig, RunConfig
+from rlhf.config import ModelConfig, RewardConfig
+from rlhf.roles import RewardSpec
 
 
 class RewardError(RuntimeError):
@@ -157,23 +158,24 @@ def _num_labels(model_cfg: ModelConfig) -> int:
     return getattr(config, "num_labels", 1) or 1
 
 
-def make_scorer(cfg: RunConfig, device: str = "cpu"):
-    rc = cfg.roles.reward
+def make_scorer(spec: RewardSpec, device: str = "cpu"):
+    """The reward source of roles.reward (a function, an HTTP endpoint or an HF model)."""
+    rc = spec.reward
     if rc.type == "function":
         return FunctionScorer(rc.function)  # type: ignore[arg-type]
     if rc.type == "http":
         return HTTPScorer(rc)
     if rc.type == "model":
         return ModelScorer(  # type: ignore[arg-type]
-            rc.model, device, cfg.data.max_length, precision=cfg.train.precision
+            rc.model, device, spec.max_length, precision=spec.precision
         )
     raise RewardError("roles.reward.type=none: this run has no reward source")
 
 
 class RewardModel(Worker):
-    def __init__(self, info: RankInfo, cfg: RunConfig):
+    def __init__(self, info: RankInfo, spec: RewardSpec):
         super().__init__(info)
-        self.scorer = make_scorer(cfg, self.device)
+        self.scorer = make_scorer(spec, self.device)
 
     def score(self, prompts: list[str], responses: list[str]) -> torch.Tensor:
         return self.scorer(prompts, responses)

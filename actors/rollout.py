@@ -19,10 +19,11 @@ import torch
 
 from actors.base import RankInfo, Worker, has_gpu
 from actors.weight_sync import WeightReceiver
-from rlhf.config import RolloutConfig, RunConfig
+from rlhf.config import RolloutConfig
 from rlhf.logs import warn_once
 from rlhf.models import load_model, load_tokenizer
 from rlhf.ops import logprobs_from_logits
+from rlhf.roles import EngineSpec
 from rlhf.rollout import Rollout
 from rlhf.types import PromptBatch
 
@@ -54,17 +55,17 @@ class HFBackend:
     forward lacks an argument the loop passes (`lean_cache_argument`), go through `generate`,
     said once in the log with the reason."""
 
-    def __init__(self, cfg: RunConfig, device: str, model=None):
+    def __init__(self, spec: EngineSpec, device: str, model=None):
         """Loads the base model (weights then come by sync), or samples with `model`, e.g. a
         trainer's own module (the hybrid engine); a peft model generates through its base
         model, whose layers carry the adapters."""
-        self.tokenizer = load_tokenizer(cfg.model, padding_side="left")
+        self.tokenizer = load_tokenizer(spec.model, padding_side="left")
         if model is None:
             model = load_model(
-                cfg.model.model_copy(update={"lora": None, "quantization": None}),
+                spec.model.model_copy(update={"lora": None, "quantization": None}),
                 trainable=False,
                 device=device,
-                precision=cfg.train.precision,
+                precision=spec.precision,
             )
         elif hasattr(model, "get_base_model"):
             model = model.get_base_model()
@@ -264,8 +265,8 @@ class SeededSampler:
     draws the same samples as an uninterrupted one, and a hybrid engine (policy rank i) the
     same as separate engine i. A call without a step counts as the next one."""
 
-    def __init__(self, cfg: RunConfig, engine: int, backend):
-        self.cfg, self.engine, self.backend = cfg, engine, backend
+    def __init__(self, spec: EngineSpec, engine: int, backend):
+        self.spec, self.engine, self.backend = spec, engine, backend
         self.calls = 0
 
     def generate(
@@ -273,25 +274,25 @@ class SeededSampler:
     ) -> Rollout:
         self.calls += 1
         tick = self.calls if step is None else step
-        seed = self.cfg.train.seed * 1_000_003 + self.engine * 100_003 + tick
-        return self.backend.generate(prompts, sampling or self.cfg.roles.rollout, seed)
+        seed = self.spec.seed * 1_000_003 + self.engine * 100_003 + tick
+        return self.backend.generate(prompts, sampling or self.spec.rollout, seed)
 
 
 class RolloutGenerator(Worker):
     """One generation engine (an actor); the coordinator fans prompts out over N of them."""
 
-    def __init__(self, info: RankInfo, cfg: RunConfig):
+    def __init__(self, info: RankInfo, spec: EngineSpec):
         super().__init__(info)
-        self.cfg = cfg
-        self.backend_name = choose_backend(cfg.roles.rollout.backend)
+        self.spec = spec
+        self.backend_name = choose_backend(spec.rollout.backend)
         if self.backend_name == "vllm":
             from actors.rollout_vllm import VLLMBackend
 
-            self.backend = VLLMBackend(cfg, self.device)
+            self.backend = VLLMBackend(spec, self.device)
         else:
-            self.backend = HFBackend(cfg, self.device)
+            self.backend = HFBackend(spec, self.device)
         self.receiver: WeightReceiver | None = None
-        self.sampler = SeededSampler(cfg, info.rank, self.backend)
+        self.sampler = SeededSampler(spec, info.rank, self.backend)
 
     def generate(
         self, prompts: PromptBatch, step: int | None = None, sampling: RolloutConfig | None = None
@@ -307,7 +308,7 @@ class RolloutGenerator(Worker):
             from rlhf.assets import resolve_model_path
             from rlhf.flops import ModelShape
 
-            m = self.cfg.model
+            m = self.spec.model
             config = AutoConfig.from_pretrained(
                 resolve_model_path(m.name_or_path), trust_remote_code=m.trust_remote_code
             )

@@ -21,38 +21,39 @@ from collections.abc import Iterable
 import torch
 
 from rlhf.assets import resolve_model_path
-from rlhf.config import RolloutConfig, RunConfig
+from rlhf.config import RolloutConfig
 from rlhf.data.collate import pad
 from rlhf.models import load_tokenizer, resolve_dtype
+from rlhf.roles import EngineSpec
 from rlhf.rollout import Rollout
 from rlhf.types import PromptBatch
 
 
 class VLLMBackend:
-    def __init__(self, cfg: RunConfig, device: str):
+    def __init__(self, spec: EngineSpec, device: str):
         os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
         from vllm import LLM
 
-        r = cfg.roles.rollout
-        path = resolve_model_path(cfg.model.name_or_path)
+        r = spec.rollout
+        path = resolve_model_path(spec.model.name_or_path)
         # On vLLM's CPU backend this fraction reserves host memory for the KV cache.
         kwargs = {"gpu_memory_utilization": r.gpu_memory_utilization}
         self.sleeps = r.sleep and device.startswith("cuda")
         if self.sleeps:
             kwargs["enable_sleep_mode"] = True
         self.asleep: set[str] = set()  # memory tags released by sleep ("weights", "kv_cache")
-        self.dtype = resolve_dtype(cfg.model.dtype, device)
+        self.dtype = resolve_dtype(spec.model.dtype, device)
         self.llm = LLM(
             model=path,
             tokenizer=path,
             dtype=str(self.dtype).replace("torch.", ""),
             tensor_parallel_size=r.tensor_parallel_size,
-            seed=cfg.train.seed,
-            max_model_len=cfg.data.max_length + r.max_new_tokens,
-            trust_remote_code=cfg.model.trust_remote_code,
+            seed=spec.seed,
+            max_model_len=spec.max_length + r.max_new_tokens,
+            trust_remote_code=spec.model.trust_remote_code,
             **kwargs,
         )
-        self.tokenizer = load_tokenizer(cfg.model, padding_side="left")
+        self.tokenizer = load_tokenizer(spec.model, padding_side="left")
 
     def generate(self, prompts: PromptBatch, s: RolloutConfig, seed: int):
         from vllm import SamplingParams

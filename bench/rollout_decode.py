@@ -32,6 +32,7 @@ def main(argv: list[str] | None = None) -> int:
     from rlhf.config import load_config
     from rlhf.data import load_split, make_collator
     from rlhf.models import load_tokenizer
+    from rlhf.roles import engine_spec
 
     torch.set_num_threads(1)
     cfg = load_config(QUICKSTART, [f"model.name_or_path={args.model}"])
@@ -40,7 +41,7 @@ def main(argv: list[str] | None = None) -> int:
     batch = make_collator("prompt", tokenizer.pad_token_id)(
         [prompts[i] for i in range(args.prompts)]
     )
-    engine = HFBackend(cfg, "cpu")
+    engine = HFBackend(engine_spec(cfg), "cpu")
     assert engine.lean, "the lean loop is off for this model: see the log line saying why"
     sampling = cfg.roles.rollout
     times: dict[str, list[float]] = {"lean": [], "generate": []}

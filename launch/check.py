@@ -55,7 +55,7 @@ def run_check(cfg: RunConfig, show_config: bool = False) -> dict[str, float]:
         ref = reference_logps(reference, batch)
         del reference
     model.train()
-    loss, metrics = objective_for(cfg)(model, batch, ref, cfg)
+    loss, metrics = objective_for(cfg)(model, batch, ref)
     loss.backward()
     values = {"loss": loss.item(), **{k: float(v) for k, v in metrics.items()}}
     print("-- first batch: " + ", ".join(f"{k}={v:.4g}" for k, v in values.items()))

@@ -68,8 +68,9 @@ def sample(cfg: RunConfig, features, tokenizer, seed: int) -> list[str]:
     """One greedy-or-sampled response per prompt (roles.rollout settings), decoded."""
     from actors.rollout import HFBackend
     from rlhf.data import make_collator
+    from rlhf.roles import engine_spec
 
-    backend = HFBackend(cfg, "cpu")
+    backend = HFBackend(engine_spec(cfg), "cpu")
     settings = cfg.roles.rollout.model_copy(update={"n_samples_per_prompt": 1})
     collate = make_collator("prompt", tokenizer.pad_token_id)
     out = []
@@ -85,6 +86,7 @@ def sample(cfg: RunConfig, features, tokenizer, seed: int) -> list[str]:
 
 def cmd_generate(args) -> int:
     from actors.reward import make_scorer
+    from rlhf.roles import reward_spec
 
     overrides = list(args.overrides)
     if args.config is not None and "=" in str(args.config):  # no config, only overrides
@@ -106,7 +108,7 @@ def cmd_generate(args) -> int:
     models = args.model or [base.model.name_or_path]
     features, tokenizer = _prompt_set(base, args.limit)
     prompts = [f.prompt_text for f in features]
-    scorer = make_scorer(base) if base.roles.reward.type != "none" else None
+    scorer = make_scorer(reward_spec(base)) if base.roles.reward.type != "none" else None
     columns: dict[str, tuple[list[str], list[float] | None]] = {}
     for path in models:
         responses = sample(_model_override(base, path), features, tokenizer, args.seed)
@@ -188,7 +190,7 @@ def evaluate_offline(cfg: RunConfig, limit: int | None = None) -> dict[str, floa
     batches = (collate([data[j] for j in range(i, min(i + size, n))]) for i in range(0, n, size))
     pairs = ((b, reference_logps(reference, b) if reference is not None else None) for b in batches)
     # metric_sums runs without gradients, the reference's log-probs (drawn from `pairs`) too.
-    sums = metric_sums(objective_for(cfg), model, pairs, cfg)
+    sums = metric_sums(objective_for(cfg), model, pairs)
     rows = sums.pop("n")
     return {"rows": int(rows), **{k: v / rows for k, v in sums.items()}}
 
@@ -196,10 +198,11 @@ def evaluate_offline(cfg: RunConfig, limit: int | None = None) -> dict[str, floa
 def evaluate_rewards(cfg: RunConfig, limit: int | None, seed: int) -> dict[str, float]:
     """Mean and std of the reward of one response per prompt (roles.rollout sampling)."""
     from actors.reward import make_scorer
+    from rlhf.roles import reward_spec
 
     features, tokenizer = _prompt_set(cfg, limit)
     responses = sample(cfg, features, tokenizer, seed)
-    scores = make_scorer(cfg)([f.prompt_text for f in features], responses)
+    scores = make_scorer(reward_spec(cfg))([f.prompt_text for f in features], responses)
     return {
         "rows": len(responses),
         "reward/mean": scores.mean().item(),

@@ -10,14 +10,14 @@ Reference log-probs come in precomputed (from the reference actor or the on-disk
 from __future__ import annotations
 
 import inspect
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 
-from rlhf.config import RunConfig
+from rlhf.config import DPOConfig, KTOConfig, ORPOConfig, PPOConfig, RMConfig, RunConfig, SFTConfig
 from rlhf.kl import logp_gap
 from rlhf.losses import (
     LENGTH_NORMALISED,
@@ -101,10 +101,9 @@ def _split(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def dpo_objective(
-    model, batch: PreferenceBatch, ref: RefLogps | None, cfg: RunConfig
+    model, batch: PreferenceBatch, ref: RefLogps | None, d: DPOConfig
 ) -> tuple[torch.Tensor, Metrics]:
     """The DPO family: one forward over chosen and rejected rows together."""
-    d = cfg.dpo
     policy = sequence_logps(model, batch.input_ids, batch.attention_mask, batch.response_mask)
     normalise = d.loss_type in LENGTH_NORMALISED
     logps = policy.means if normalise else policy.sums
@@ -126,7 +125,7 @@ def dpo_objective(
 
 
 def orpo_objective(
-    model, batch: PreferenceBatch, ref: RefLogps | None, cfg: RunConfig
+    model, batch: PreferenceBatch, ref: RefLogps | None, o: ORPOConfig
 ) -> tuple[torch.Tensor, Metrics]:
     """ORPO: NLL of the chosen responses (token mean) + λ × odds-ratio term."""
     policy = sequence_logps(model, batch.input_ids, batch.attention_mask, batch.response_mask)
@@ -134,15 +133,14 @@ def orpo_objective(
     chosen_lengths, _ = _split(policy.lengths)
     nll = -chosen_sums.sum() / chosen_lengths.sum().clamp(min=1)
     chosen_avg, rejected_avg = _split(policy.means)
-    return orpo_loss(chosen_avg, rejected_avg, nll, lam=cfg.orpo.lam)
+    return orpo_loss(chosen_avg, rejected_avg, nll, lam=o.lam)
 
 
 def kto_objective(
-    model, batch: UnpairedBatch, ref: RefLogps | None, cfg: RunConfig
+    model, batch: UnpairedBatch, ref: RefLogps | None, k: KTOConfig
 ) -> tuple[torch.Tensor, Metrics]:
     if ref is None or ref.kl_logps is None:
         raise ValueError("KTO needs reference log-probs of the batch and of its KL rows")
-    k = cfg.kto
     policy = sequence_logps(model, batch.input_ids, batch.attention_mask, batch.response_mask)
     with torch.no_grad():
         kl_policy = sequence_logps(
@@ -161,26 +159,26 @@ def kto_objective(
 
 
 def sft_objective(
-    model, batch: SFTBatch, ref: RefLogps | None, cfg: RunConfig
+    model, batch: SFTBatch, ref: RefLogps | None, sft: SFTConfig
 ) -> tuple[torch.Tensor, Metrics]:
     logits = model(**batch.model_inputs()).logits
     token_logps = shifted_token_logps(logits, batch.input_ids)
-    return sft_loss(token_logps, batch.loss_mask[:, 1:], cfg.sft.aggregation)
+    return sft_loss(token_logps, batch.loss_mask[:, 1:], sft.aggregation)
 
 
 def rm_pairwise_objective(
-    model, batch: PreferenceBatch, ref: RefLogps | None, cfg: RunConfig
+    model, batch: PreferenceBatch, ref: RefLogps | None, rm: RMConfig
 ) -> tuple[torch.Tensor, Metrics]:
     scores = model(
         input_ids=batch.input_ids, attention_mask=batch.attention_mask, use_cache=False
     ).logits.squeeze(-1)
     chosen, rejected = _split(scores)
-    margin = torch.full_like(chosen, cfg.rm.margin) if cfg.rm.margin else None
+    margin = torch.full_like(chosen, rm.margin) if rm.margin else None
     return bradley_terry_loss(chosen, rejected, margin)
 
 
 def rm_classification_objective(
-    model, batch: ClassificationBatch, ref: RefLogps | None, cfg: RunConfig
+    model, batch: ClassificationBatch, ref: RefLogps | None, rm: RMConfig
 ) -> tuple[torch.Tensor, Metrics]:
     logits = model(
         input_ids=batch.input_ids, attention_mask=batch.attention_mask, use_cache=False
@@ -236,11 +234,10 @@ def token_values(critic, input_ids, attention_mask) -> torch.Tensor:
 
 
 def ppo_policy_objective(
-    model, exp: Experience, ref: KLPenalty | None, cfg: RunConfig
+    model, exp: Experience, ref: KLPenalty | None, p: PPOConfig
 ) -> tuple[torch.Tensor, Metrics]:
     """Clipped surrogate plus the entropy bonus (and, with ppo.kl_penalty=loss, β·KL to the
     reference) on one experience micro-batch."""
-    p = cfg.ppo
     # Only the response's logits: everything per token is 0 before the first action column.
     start = response_start(exp.action_mask)
     logits = causal_logits(model, exp.input_ids, exp.attention_mask, start)
@@ -298,7 +295,7 @@ def ppo_policy_objective(
 
 
 def ppo_value_objective(
-    critic, exp: Experience, ref: RefLogps | None, cfg: RunConfig
+    critic, exp: Experience, ref: RefLogps | None, p: PPOConfig
 ) -> tuple[torch.Tensor, Metrics]:
     """Clipped value loss on one experience micro-batch (weighted by ppo.vf_coef)."""
     values = token_values(critic, exp.input_ids, exp.attention_mask)
@@ -307,31 +304,47 @@ def ppo_value_objective(
         exp.old_values,
         exp.returns,
         exp.action_mask,
-        clip_range=cfg.ppo.value_clip,
-        aggregation=cfg.ppo.aggregation,
+        clip_range=p.value_clip,
+        aggregation=p.aggregation,
     )
-    return cfg.ppo.vf_coef * loss, metrics
+    return p.vf_coef * loss, metrics
 
 
-OBJECTIVES = {
-    "dpo": dpo_objective,
-    "orpo": orpo_objective,
-    "kto": kto_objective,
-    "sft": sft_objective,
-    "rm/preference": rm_pairwise_objective,
-    "rm/classification": rm_classification_objective,
-    "ppo/policy": ppo_policy_objective,
-    "ppo/value": ppo_value_objective,
+#: key -> (the objective, the RunConfig section it reads).
+OBJECTIVES: dict[str, tuple[Callable, str]] = {
+    "dpo": (dpo_objective, "dpo"),
+    "orpo": (orpo_objective, "orpo"),
+    "kto": (kto_objective, "kto"),
+    "sft": (sft_objective, "sft"),
+    "rm/preference": (rm_pairwise_objective, "rm"),
+    "rm/classification": (rm_classification_objective, "rm"),
+    "ppo/policy": (ppo_policy_objective, "ppo"),
+    "ppo/value": (ppo_value_objective, "ppo"),
 }
 
 
-def objective_for(cfg: RunConfig, role: str = "policy"):
+@dataclass(frozen=True)
+class Objective:
+    """A trainer's loss, chosen once at setup: the objective function and its own config
+    section (all a trainer needs of the algorithm's settings); called as
+    `objective(model, batch, ref) -> (loss, metrics)`."""
+
+    fn: Callable
+    section: Any
+
+    def __call__(self, model, batch, ref) -> tuple[torch.Tensor, Metrics]:
+        return self.fn(model, batch, ref, self.section)
+
+
+def objective_for(cfg: RunConfig, role: str = "policy") -> Objective:
     """The objective a trainer role optimises (a dict lookup at setup, never a branch in the
     step): the offline algorithm's, or for ppo the policy surrogate / the critic's value loss."""
     if cfg.algorithm == "ppo":
-        return OBJECTIVES["ppo/value" if role == "critic" else "ppo/policy"]
-    key = f"rm/{cfg.data_format}" if cfg.algorithm == "rm" else cfg.algorithm
-    return OBJECTIVES[key]
+        key = "ppo/value" if role == "critic" else "ppo/policy"
+    else:
+        key = f"rm/{cfg.data_format}" if cfg.algorithm == "rm" else cfg.algorithm
+    fn, section = OBJECTIVES[key]
+    return Objective(fn, getattr(cfg, section))
 
 
 def model_kind(cfg: RunConfig) -> str:
@@ -342,13 +355,13 @@ def model_kind(cfg: RunConfig) -> str:
 
 
 @torch.no_grad()
-def metric_sums(objective, model, pairs: Iterable[tuple], cfg: RunConfig) -> dict[str, float]:
+def metric_sums(objective: Objective, model, pairs: Iterable[tuple]) -> dict[str, float]:
     """An eval pass: the loss and metrics of each (batch, reference log-probs) pair, summed
     weighted by the batch's rows, with the row count under 'n' (divide by it for the means;
     sums from several ranks add up first)."""
     sums: dict[str, float] = {"n": 0.0}
     for batch, ref in pairs:
-        loss, metrics = objective(model, batch, ref, cfg)
+        loss, metrics = objective(model, batch, ref)
         index = getattr(batch, "index", None)
         rows = (len(index) if index is not None else 0) or 1
         sums["n"] += rows

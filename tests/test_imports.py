@@ -144,3 +144,16 @@ def test_actors_are_called_only_through_their_groups():
         if ".remote(" in line
     )
     assert calls == [], "actor calls outside actors/groups.py"
+
+
+def test_each_actor_gets_only_its_own_sub_config():
+    """DESIGN: the driver cuts each role's share of the RunConfig (rlhf.roles); the actor
+    files never see the whole run's config."""
+    actor_files = ("base", "policy", "reference", "reward", "rollout", "rollout_vllm")
+    seen = sorted(
+        f"actors/{name}.py:{n}"
+        for name in actor_files
+        for n, line in enumerate((ROOT / "actors" / f"{name}.py").read_text().splitlines(), 1)
+        if "RunConfig" in line
+    )
+    assert seen == [], "an actor that receives the whole RunConfig"

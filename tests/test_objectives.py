@@ -49,7 +49,7 @@ def test_dpo_objective_matches_per_sequence_reference(model, tiny_tokenizer):
     ref = reference_logps(model, batch)
     # Shift the reference so that the loss is not at its trivial point log(2).
     ref = type(ref)(ref.logps + torch.tensor([0.3, -0.2, 0.1, -0.4, 0.5, 0.0]))
-    loss, metrics = objective_for(cfg)(model, batch, ref, cfg)
+    loss, metrics = objective_for(cfg)(model, batch, ref)
     expected_losses, margins = [], []
     for i, f in enumerate(feats):
         c, _ = alone_logp(model, f.prompt_ids, f.chosen_ids)
@@ -80,7 +80,7 @@ def test_orpo_objective_matches_reference(model, tiny_tokenizer):
     cfg = load_config(None, ["algorithm=orpo", "data.max_length=64", "orpo.lambda=0.5"])
     feats = features(cfg, "preference", tiny_tokenizer)
     batch = make_collator("preference", tiny_tokenizer.pad_token_id)(feats)
-    loss, metrics = objective_for(cfg)(model, batch, None, cfg)
+    loss, metrics = objective_for(cfg)(model, batch, None)
     nll_sum, nll_tokens, ratios = 0.0, 0, []
     for f in feats:
         c, nc = alone_logp(model, f.prompt_ids, f.chosen_ids)
@@ -101,7 +101,7 @@ def test_sft_objective_matches_cross_entropy(packing, model, tiny_tokenizer):
     )
     feats = features(cfg, "sft", tiny_tokenizer, n=4)
     batch = make_collator("sft", tiny_tokenizer.pad_token_id, 64 if packing else None)(feats)
-    loss, _ = objective_for(cfg)(model, batch, None, cfg)
+    loss, _ = objective_for(cfg)(model, batch, None)
     total, count = 0.0, 0
     for f in feats:
         ids = torch.tensor([f.input_ids])
@@ -119,12 +119,12 @@ def test_kto_objective_runs_with_reference(model, tiny_tokenizer):
     feats = features(cfg, "unpaired", tiny_tokenizer, n=4)
     batch = make_collator("unpaired", tiny_tokenizer.pad_token_id)(feats)
     ref = reference_logps(model, batch)
-    loss, metrics = objective_for(cfg)(model, batch, ref, cfg)
+    loss, metrics = objective_for(cfg)(model, batch, ref)
     # Policy == reference: every reward is 0 and z0 = 0, so each loss term is w (1 - σ(0)) = 0.5.
     assert loss.item() == pytest.approx(0.5, abs=1e-5)
     assert metrics["kl"].item() == pytest.approx(0.0, abs=1e-5)
     with pytest.raises(ValueError, match="KTO needs reference"):
-        objective_for(cfg)(model, batch, None, cfg)
+        objective_for(cfg)(model, batch, None)
 
 
 def test_reward_objectives(tiny_path, tiny_tokenizer):
@@ -134,7 +134,7 @@ def test_reward_objectives(tiny_path, tiny_tokenizer):
     rm.eval()
     feats = features(cfg, "preference", tiny_tokenizer)
     batch = make_collator("preference", pad)(feats)
-    loss, metrics = objective_for(cfg)(rm, batch, None, cfg)
+    loss, metrics = objective_for(cfg)(rm, batch, None)
     diffs = []
     with torch.no_grad():
         for f in feats:
@@ -150,7 +150,7 @@ def test_reward_objectives(tiny_path, tiny_tokenizer):
     )
     cfeats = features(ccfg, "classification", tiny_tokenizer, n=4)
     cbatch = make_collator("classification", pad)(cfeats)
-    closs, _ = objective_for(ccfg)(clf, cbatch, None, ccfg)
+    closs, _ = objective_for(ccfg)(clf, cbatch, None)
     logits = clf(input_ids=cbatch.input_ids, attention_mask=cbatch.attention_mask).logits
     assert closs.item() == pytest.approx(F.cross_entropy(logits, cbatch.labels).item(), rel=1e-5)
 
@@ -184,10 +184,10 @@ def test_ppo_objectives_at_ratio_one(model, tiny_path):
     exp = Experience(
         ids, attention, action, old * action, adv, returns, values * action, torch.tensor([0, 1])
     )
-    loss, metrics = objective_for(cfg)(model, exp, None, cfg)
+    loss, metrics = objective_for(cfg)(model, exp, None)
     assert loss.item() == pytest.approx(-(adv[action].sum() / action.sum()).item(), abs=1e-5)
     assert metrics["policy/clipfrac"].item() == 0.0
-    vloss, _ = objective_for(cfg, "critic")(critic, exp, None, cfg)
+    vloss, _ = objective_for(cfg, "critic")(critic, exp, None)
     assert vloss.item() == pytest.approx(0.5 * 0.5 * 1.0, abs=1e-5)
 
 
@@ -252,7 +252,7 @@ def test_ppo_objective_single_update_and_kl_in_the_loss(model):
 
     def loss_and_grad(exp, ref):
         model.zero_grad()
-        loss, metrics = objective(model, exp, ref, cfg)
+        loss, metrics = objective(model, exp, ref)
         loss.backward()
         grads = [p.grad.clone() for p in model.parameters() if p.grad is not None]
         return loss.detach(), metrics, grads

@@ -506,6 +506,7 @@ def test_vllm_engine_sleeps_between_rollouts(tiny_path, tiny_tokenizer, tmp_path
     from actors.net import free_port
     from actors.rollout import RolloutGenerator
     from rlhf.data import load_datasets, make_collator
+    from rlhf.roles import engine_spec
 
     cfg = load_config(
         None,
@@ -521,7 +522,7 @@ def test_vllm_engine_sleeps_between_rollouts(tiny_path, tiny_tokenizer, tmp_path
             "data.train.limit=8",
         ],
     )
-    gen = RolloutGenerator(RankInfo(0, 1, "127.0.0.1", free_port()), cfg)
+    gen = RolloutGenerator(RankInfo(0, 1, "127.0.0.1", free_port()), engine_spec(cfg))
     prompts, _ = load_datasets(cfg.data, "prompt", tiny_tokenizer, tmp_path)
     batch = make_collator("prompt", tiny_tokenizer.pad_token_id)([prompts[i] for i in range(4)])
     first = gen.generate(batch, 0)

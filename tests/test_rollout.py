@@ -7,12 +7,11 @@ import os
 import pytest
 import torch
 
-from actors.groups import ActorGroup, WeightSync
-from actors.policy import PolicyTrainer
-from actors.rollout import RolloutGenerator
+from actors.groups import PolicyGroup, RolloutGroup, WeightSync
 from rlhf.config import load_config
 from rlhf.data import load_split, make_collator
 from rlhf.ops import shifted_token_logps
+from rlhf.roles import engine_spec
 from rlhf.rollout import rollout_token_logps, sequences
 
 
@@ -50,8 +49,8 @@ def test_after_sync_rollout_greedy_equals_policy_greedy(
         extra += ["model.lora.r=4", "model.lora.alpha=16", "model.lora.dropout=0"]
     cfg = _cfg(tiny_path, *extra)
     prompts = _prompts(cfg, tiny_tokenizer)
-    policy = ActorGroup("policy", PolicyTrainer, cfg.roles.policy.resources, cfg, 10)
-    rollout = ActorGroup("rollout", RolloutGenerator, cfg.roles.rollout.resources, cfg)
+    policy = PolicyGroup(cfg, 10)
+    rollout = RolloutGroup(cfg)
     try:
         # Train the policy away from its initial weights on a few DPO steps.
         pref = load_split(cfg.data.train, cfg.data, "preference", tiny_tokenizer)
@@ -105,8 +104,8 @@ def test_colocated_engine_syncs_through_cuda_ipc(ray_local, tiny_path, tiny_toke
         "roles.rollout.resources.gpus_per_rank=0.5",
     )
     prompts = _prompts(cfg, tiny_tokenizer)
-    policy = ActorGroup("policy", PolicyTrainer, cfg.roles.policy.resources, cfg, 10)
-    rollout = ActorGroup("rollout", RolloutGenerator, cfg.roles.rollout.resources, cfg)
+    policy = PolicyGroup(cfg, 10)
+    rollout = RolloutGroup(cfg)
     pref = load_split(cfg.data.train, cfg.data, "preference", tiny_tokenizer)
     collate = make_collator("preference", tiny_tokenizer.pad_token_id)
     try:
@@ -146,7 +145,7 @@ def test_rollout_logps_match_a_forward_pass(ray_local, tiny_path, tiny_tokenizer
 
     cfg = _cfg(tiny_path, "roles.rollout.temperature=1.0", "roles.rollout.n_samples_per_prompt=2")
     prompts = _prompts(cfg, tiny_tokenizer, n=3)
-    rollout = ActorGroup("rollout", RolloutGenerator, cfg.roles.rollout.resources, cfg)
+    rollout = RolloutGroup(cfg)
     try:
         out = rollout.gather(rollout.call(lambda a: a.generate.remote(prompts)))[0]
     finally:
@@ -274,7 +273,7 @@ def test_lean_decode_draws_what_generate_draws(tiny_path, tiny_tokenizer, sampli
         "roles.rollout.max_new_tokens=20",
         *[f"roles.rollout.{k}={v}" for k, v in sampling.items()],
     )
-    backend = HFBackend(cfg, "cpu")
+    backend = HFBackend(engine_spec(cfg), "cpu")
     assert backend.lean
     prompts = _prompts(cfg, tiny_tokenizer, n=4)
     s = cfg.roles.rollout
@@ -316,7 +315,7 @@ def test_lean_decode_takes_the_cache_under_either_name(tiny_path, tiny_tokenizer
     cfg = _cfg(tiny_path, "roles.rollout.max_new_tokens=16")
     prompts = _prompts(cfg, tiny_tokenizer, n=4)
     s = cfg.roles.rollout
-    native = HFBackend(cfg, "cpu")
+    native = HFBackend(engine_spec(cfg), "cpu")
     installed = native.cache_arg
     assert installed in CACHE_ARGUMENTS
     other = next(name for name in CACHE_ARGUMENTS if name != installed)
@@ -353,7 +352,7 @@ def test_lean_decode_takes_the_cache_under_either_name(tiny_path, tiny_tokenizer
     model = load_model(cfg.model, trainable=False, device="cpu")
     model.forward = renamed.__get__(model)
     assert lean_cache_argument(model.forward) == (other, "")
-    swapped = HFBackend(cfg, "cpu", model=model)
+    swapped = HFBackend(engine_spec(cfg), "cpu", model=model)
     want = native.generate(prompts, s, seed=0)
     got = swapped.generate(prompts, s, seed=0)
     assert swapped.lean and torch.equal(got.response_ids, want.response_ids)
@@ -361,8 +360,8 @@ def test_lean_decode_takes_the_cache_under_either_name(tiny_path, tiny_tokenizer
 
     model.forward = (lambda self, **kw: base.forward(self, **kw)).__get__(model)
     with caplog.at_level("WARNING", logger="actors.rollout"):
-        plain = HFBackend(cfg, "cpu", model=model)
-        HFBackend(cfg, "cpu", model=model)
+        plain = HFBackend(engine_spec(cfg), "cpu", model=model)
+        HFBackend(engine_spec(cfg), "cpu", model=model)
     assert not plain.lean
     said = [r.getMessage() for r in caplog.records]
     assert said == [

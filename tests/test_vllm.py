@@ -6,9 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from actors.groups import ActorGroup, WeightSync
-from actors.policy import PolicyTrainer
-from actors.rollout import RolloutGenerator
+from actors.groups import PolicyGroup, RolloutGroup, WeightSync
 from rlhf.config import ModelConfig
 from rlhf.data import load_split, make_collator
 from rlhf.models import load_model
@@ -19,7 +17,7 @@ pytestmark = pytest.mark.vllm
 
 
 def _generate(cfg, prompts):
-    group = ActorGroup("rollout", RolloutGenerator, cfg.roles.rollout.resources, cfg)
+    group = RolloutGroup(cfg)
     try:
         return group.gather(group.call(lambda a: a.generate.remote(prompts)))[0]
     finally:
@@ -62,8 +60,8 @@ def test_vllm_logps_match_the_trainer(ray_local, tiny_path, tiny_tokenizer):
 def test_vllm_after_sync_equals_policy_greedy(ray_local, tiny_path, tiny_tokenizer):
     cfg = _cfg(tiny_path, "roles.rollout.backend=vllm", "roles.rollout.gpu_memory_utilization=0.1")
     prompts = _prompts(cfg, tiny_tokenizer)
-    policy = ActorGroup("policy", PolicyTrainer, cfg.roles.policy.resources, cfg, 10)
-    rollout = ActorGroup("rollout", RolloutGenerator, cfg.roles.rollout.resources, cfg)
+    policy = PolicyGroup(cfg, 10)
+    rollout = RolloutGroup(cfg)
     try:
         pref = load_split(cfg.data.train, cfg.data, "preference", tiny_tokenizer)
         collate = make_collator("preference", tiny_tokenizer.pad_token_id)

@@ -586,6 +586,7 @@ def gen_worker(spec: dict) -> None:
     from rlhf.config import load_config
     from rlhf.data import load_datasets, make_collator
     from rlhf.models import load_tokenizer
+    from rlhf.roles import engine_spec
 
     cfg = load_config(spec["config"], spec["overrides"])
     on_gpu = torch.cuda.is_available()  # the CPU path exists for the tests only
@@ -599,9 +600,9 @@ def gen_worker(spec: dict) -> None:
     if spec["backend"] == "vllm":
         from actors.rollout_vllm import VLLMBackend
 
-        engine = VLLMBackend(cfg, device)
+        engine = VLLMBackend(engine_spec(cfg), device)
     else:
-        engine = HFBackend(cfg, device)
+        engine = HFBackend(engine_spec(cfg), device)
     setup_s = time.perf_counter() - started
     sampling = cfg.roles.rollout
     engine.generate(batch, sampling, seed=0)  # warm-up (kernels, caches, CUDA graphs)
