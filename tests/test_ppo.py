@@ -90,6 +90,19 @@ def rows(tmp_path: Path) -> list[dict]:
     return [json.loads(x) for x in (tmp_path / "out" / "metrics.jsonl").read_text().splitlines()]
 
 
+def assert_idle_within_steps(r: list[dict], roles) -> None:
+    """timing/idle/<role> of every role in every step, between 0 and the step's time."""
+    for x in r:
+        for role in roles:
+            assert 0 <= x[f"timing/idle/{role}"] <= x["timing/step"], (role, x)
+
+
+def assert_one_step_stale(r: list[dict]) -> None:
+    """max_staleness=1: step t (row t) trained on the batch of the weights of version t - 1."""
+    for t, x in enumerate(r):
+        assert x["rollout/version"] == max(t - 1, 0) and x["rollout/staleness_max"] == min(t, 1)
+
+
 def mean(values) -> float:
     values = list(values)
     return sum(values) / len(values)
@@ -132,9 +145,8 @@ def test_ppo_with_critic_learns_the_reward(sft_model, tmp_path):
     ):
         assert key in r[-1], key
     # Idle time per role within each step, from the calls its actors ran (sync loop).
+    assert_idle_within_steps(r, ("policy", "rollout", "reward", "critic", "reference"))
     for x in r:
-        for role in ("policy", "rollout", "reward", "critic", "reference"):
-            assert 0 <= x[f"timing/idle/{role}"] <= x["timing/step"], (role, x)
         # The engine has nothing to do while the policy updates, nor the policy while it waits
         # for the rollout (both within a few ms: the bookkeeping of the driver in between).
         assert x["timing/idle/rollout"] >= 0.5 * x["timing/train"], x
@@ -304,12 +316,11 @@ def test_async_with_a_critic_on_two_policy_ranks_and_two_engines(sft_model, tmp_
     )
     r = rows(tmp_path)
     assert len(r) == 4
+    assert_one_step_stale(r)
+    assert_idle_within_steps(r, ("policy", "rollout", "critic", "reference"))
     for t, x in enumerate(r):
-        assert x["rollout/version"] == max(t - 1, 0) and x["rollout/staleness_max"] == min(t, 1)
         assert (x["rollout/is_weight_mean"] == pytest.approx(1.0, abs=1e-5)) == (t == 0)
         assert math.isfinite(x["value/loss"]) and math.isfinite(x["policy/loss"])
-        for role in ("policy", "rollout", "critic", "reference"):
-            assert 0 <= x[f"timing/idle/{role}"] <= x["timing/step"], (role, x)
     pids = json.loads((tmp_path / "out" / "actors.json").read_text())
     assert [len(pids[role]) for role in ("policy", "critic", "rollout")] == [2, 2, 2]
 

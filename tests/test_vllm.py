@@ -85,7 +85,13 @@ def test_async_online_loop_on_vllm(tiny_path, tmp_path):
     """roles.rollout.max_staleness=1 with the vLLM engine: each step trains on the batch of
     the previous weights (synced into vLLM between its batches), the engine's log-probs are
     weighed against the trainer's (TIS), and every role's idle time is logged."""
-    from tests.test_ppo import critic_free_config, rlhf_train, rows
+    from tests.test_ppo import (
+        assert_idle_within_steps,
+        assert_one_step_stale,
+        critic_free_config,
+        rlhf_train,
+        rows,
+    )
 
     rlhf_train(
         critic_free_config(
@@ -99,11 +105,10 @@ def test_async_online_loop_on_vllm(tiny_path, tmp_path):
     )
     r = rows(tmp_path)
     assert len(r) == 4
-    for t, x in enumerate(r):
-        assert x["rollout/version"] == max(t - 1, 0) and x["rollout/staleness_max"] == min(t, 1)
+    assert_one_step_stale(r)
+    assert_idle_within_steps(r, ("policy", "rollout", "reference"))
+    for x in r:
         assert 0 <= x["rollout/is_capped_frac"] < 0.5 and x["rollout/is_weight_max"] > 0
-        for role in ("policy", "rollout", "reference"):
-            assert 0 <= x[f"timing/idle/{role}"] <= x["timing/step"], (role, x)
     # Step 1's engine sampled with the trainer's weights (up to vLLM's kernels); later
     # steps' engines with older ones, further from the trainer.
     gaps = [x["rollout/logp_gap_mean"] for x in r]
