@@ -101,6 +101,9 @@ def fake_execute(behaviour: dict[str, str]):
                 "timing/train": 0.3,
                 "timing/sync": 0.04,
                 "perf/tokens_per_s": 900.0,
+                "rollout/staleness_max": min(s - 1, 1),
+                "timing/idle/policy": 0.05,
+                "timing/idle/rollout": 0.1,
             }
             for s in range(1, 6)
         ]
@@ -116,7 +119,7 @@ def fake_execute(behaviour: dict[str, str]):
 def test_rows_and_isolation_of_failures(tmp_path, monkeypatch):
     checks = gpu.plan(gpu.QUICK, 1, tmp_path / "work", have_vllm=False)
     checks = [c for c in checks if c.name != "generation"]
-    behaviour = {"zero2": "ok", "zero3": "crash", "qlora": "nan", "sync-hf": "ok"}
+    behaviour = {"zero2": "ok", "zero3": "crash", "qlora": "nan", "sync-hf": "ok", "async-hf": "ok"}
     monkeypatch.setattr(gpu, "execute", fake_execute(behaviour))
     monkeypatch.setattr(gpu, "prepare_assets", lambda model: None)
     args = Namespace(out=tmp_path / "gpu.md", timeout=10, model="smollm2")
@@ -133,6 +136,9 @@ def test_rows_and_isolation_of_failures(tmp_path, monkeypatch):
     assert nan[3] == "FAILED" and "loss@4=nan" in nan[2]
     sync = rows["weight sync (hf)"]
     assert sync[3] == "OK" and "sync 40 ms/step" in sync[2] and "900 tokens/s" in sync[2]
+    late = rows["async k=1 (hf)"]
+    assert late[3] == "OK" and "step 0.20 s (mean of 3), staleness max 1" in late[2]
+    assert "idle policy 0.05 s, rollout 0.10 s" in late[2]
 
 
 def test_generation_worker_on_cpu(tmp_path):

