@@ -183,11 +183,12 @@ class OfflineRun:
                 now = time.perf_counter()
                 self.first_step_done = self.first_step_done or now
                 self.step_times.append(now - tick)
+                idle = self.placement.clock.idle(tick, now)  # timing/idle/<role>
                 tick = now
                 samples += plan.global_batch
                 for r in results:
                     r.metrics["timing/step"] = self.step_times[-1]
-                last = self._after_step(step + 1, results, logger, samples)
+                last = self._after_step(step + 1, results, logger, samples, idle)
                 if queued is None and step + 1 < plan.total_steps:
                     queued = self._launch(step + 1)
                     tick = time.perf_counter()  # eval and checkpoint time is not step time
@@ -226,10 +227,15 @@ class OfflineRun:
         )
 
     def _after_step(
-        self, step: int, results: list[StepResult], logger: MetricsLogger, samples: int
+        self,
+        step: int,
+        results: list[StepResult],
+        logger: MetricsLogger,
+        samples: int,
+        idle: dict[str, float],
     ) -> dict[str, float]:
         cfg = self.cfg
-        metrics = reduce_metrics([r.metrics for r in results])
+        metrics = reduce_metrics([r.metrics for r in results]) | idle
         flops = self.step_flops.pop(step, {})
         metrics.update(self.perf.metrics(flops, metrics.get("timing/step", 0.0)))
         skipped = results[0].skipped

@@ -97,6 +97,10 @@ def test_dpo_two_ranks_learns_held_out_preferences(stage, tmp_path):
             "lr",
         )
     )
+    # Offline steps log each role's idle time too (the reference computes ahead, then waits).
+    for r in rows:
+        for role in ("policy", "reference"):
+            assert 0 <= r[f"timing/idle/{role}"] <= r["timing/step"], (role, r)
     final = out / "final"
     assert (final / "model.safetensors").exists() and (final / "tokenizer.json").exists()
     assert (out / "config.yaml").exists() and (
