@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import os
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import ray
@@ -139,6 +140,17 @@ class DeferredRows:
         return _rows(self.refs)[self.rows]
 
 
+@dataclass
+class InFlight:
+    """Async: a batch the engines sample (or sampled) ahead of its step: the engines' refs, the
+    weights' version that samples it, and the reference forward queued behind it."""
+
+    step: int
+    parts: list
+    version: int
+    reference: list | None = None
+
+
 class OnlineRun:
     def __init__(self, cfg: RunConfig, claim: Claim):
         self.cfg, self.claim = cfg, claim
@@ -204,7 +216,7 @@ class OnlineRun:
     def save(self, step: int, inflight: list | None = None) -> Path:
         """Policy and critic (DeepSpeed, every rank) plus KL controller, reward normaliser and
         step (the prompt position follows from it); rollout weights come from the policy.
-        `inflight` (async): the batches sampled ahead, (step, parts, version), kept too."""
+        `inflight` (async): the batches sampled ahead (InFlight), kept too."""
         path = self.out / "checkpoints" / f"step_{step}"
 
         def save_actors():
@@ -213,9 +225,7 @@ class OnlineRun:
                 refs += self.critic.submit_save(str(path), "critic")
             gather(refs)
             if inflight:
-                items = [
-                    (s, version, self.collect_rollout(parts)) for s, parts, version in inflight
-                ]
+                items = [(b.step, b.version, self.collect_rollout(b.parts)) for b in inflight]
                 save_rollouts(path / INFLIGHT, items)
 
         state = {
@@ -256,22 +266,33 @@ class OnlineRun:
     def collect_rollout(self, refs: list) -> Rollout:
         return merge_rollouts(self.rollout.gather(refs), self.tokenizer.pad_token_id)
 
-    def submit_forwards(self, parts: list) -> dict[str, list | None]:
+    def submit_forwards(self, parts: list, reference: list | None = None) -> dict[str, list | None]:
         """Queue make_experience's per-token forwards on the rollout's own refs (`parts`, one
-        per engine): reference log-probs, the policy's old log-probs (when recomputed) and the
-        critic's values, role -> refs (None when not needed). Each rank starts when the rollout
-        is done, while the driver still collects, decodes and scores it."""
-        micro, pad_id = self.cfg.train.micro_batch_size, self.tokenizer.pad_token_id
-
-        def on(group: ActorGroup | None):
-            return None if group is None else group.per_token_forward(parts, pad_id, micro)
-
+        per engine): reference log-probs (unless `reference` holds them, queued earlier), the
+        policy's old log-probs (when recomputed) and the critic's values, role -> refs (None
+        when not needed). Each rank starts when the rollout is done, while the driver still
+        collects, decodes and scores it."""
         recompute = self.old_logps_source == "recompute"
         return {
-            "reference": on(self.reference),
-            "old": on(self.policy) if recompute else None,
-            "values": on(self.critic),
+            "reference": reference or self._forward(self.reference, parts),
+            "old": self._forward(self.policy, parts) if recompute else None,
+            "values": self._forward(self.critic, parts),
         }
+
+    def _forward(self, group: ActorGroup | None, parts: list) -> list | None:
+        if group is None:
+            return None
+        return group.per_token_forward(
+            parts, self.tokenizer.pad_token_id, self.cfg.train.micro_batch_size
+        )
+
+    def _queue_batch(self, step: int, version: int, parts: list | None = None) -> InFlight:
+        """Async: step `step`'s batch on the engines (or `parts`, restored), with the frozen
+        reference's forward queued behind it at once: it runs as soon as the batch exists,
+        while the policy still trains earlier steps. (The policy's and critic's forwards wait
+        for the step itself: they must see its weights.)"""
+        parts = parts or self.submit_generate(step)
+        return InFlight(step, parts, version, self._forward(self.reference, parts))
 
     def start_rollout(self, step: int) -> tuple[list, dict[str, list | None]]:
         """Step `step`'s rollout and, queued behind it, its per-token forwards."""
@@ -579,16 +600,17 @@ class OnlineRun:
         engine's log-probs of the older weights that sampled."""
         plan, k = self.plan, self.cfg.roles.rollout.max_staleness
         metrics: dict[str, float] = {}
-        inflight = self._restore_inflight(first)  # (step, parts, version) in step order
+        inflight = self._restore_inflight(first)  # in step order
         for s in range(first + len(inflight), min(first + k + 1, plan.total_steps)):
-            inflight.append((s, self.submit_generate(s), first))
+            inflight.append(self._queue_batch(s, first))
         synced: list = []
         t0 = time.perf_counter()
         for step in range(first, plan.total_steps):
             _, evaluates, saves, _ = self._boundaries(step)
-            s, parts, version = inflight.pop(0)
-            assert s == step, f"step {step} got the batch of step {s}"
-            forwards = self.submit_forwards(parts)
+            batch = inflight.pop(0)
+            assert batch.step == step, f"step {step} got the batch of step {batch.step}"
+            parts, version = batch.parts, batch.version
+            forwards = self.submit_forwards(parts, batch.reference)
             gather(synced)  # the last step's sync (it ends before this batch's successors)
             sync_s = time.perf_counter() - t0
             rollout = self.collect_rollout(parts)
@@ -598,7 +620,7 @@ class OnlineRun:
             updates = self.submit_updates(exp, step)
             synced = self.weight_sync.submit()  # version step + 1, behind the batches in flight
             if step + k + 1 < plan.total_steps:
-                inflight.append((step + k + 1, self.submit_generate(step + k + 1), step + 1))
+                inflight.append(self._queue_batch(step + k + 1, step + 1))
             self._collect_updates_into(metrics, updates, exp)
             t3 = time.perf_counter()
             metrics["rollout/version"] = float(version)
@@ -613,15 +635,15 @@ class OnlineRun:
         gather(synced)
         return metrics
 
-    def _restore_inflight(self, first: int) -> list:
+    def _restore_inflight(self, first: int) -> list[InFlight]:
         """The batches a checkpoint had in flight (sampled by weights older than its own, so
-        they cannot be regenerated from it), as (step, [ref], version) from `first` on."""
+        they cannot be regenerated from it), from `first` on, their reference forwards queued."""
         path = self.claim.resume_from
         if path is None or not (path / INFLIGHT).with_suffix(".json").exists():
             return []
         k = self.cfg.roles.rollout.max_staleness
         return [
-            (step, [ray.put(r)], version)
+            self._queue_batch(step, version, [ray.put(r)])
             for step, version, r in load_rollouts(path / INFLIGHT)
             if first <= step <= first + k
         ]
