@@ -172,10 +172,10 @@ class IdleClock:
         #: time.time() - time.perf_counter(): the loops time their steps on perf_counter.
         self.offset = time.time() - time.perf_counter()
 
-    def idle(self, since: float, until: float, perf_counter: bool = True) -> dict[str, float]:
+    def idle(self, since: float, until: float) -> dict[str, float]:
+        """The window [since, until] in time.perf_counter() seconds, as the loops time steps."""
         window = until - since  # as the caller measured it (the wall clock rounds coarser)
-        if perf_counter:
-            since, until = since + self.offset, until + self.offset
+        since, until = since + self.offset, until + self.offset
         by_role: dict[str, list[float]] = {}
         for (role, _), busy in gather([self.ledger.busy.remote(since, until)])[0].items():
             by_role.setdefault(role, []).append(min(window, max(0.0, window - busy)))
