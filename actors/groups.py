@@ -335,9 +335,8 @@ class ActorGroup(Generic[T]):
 class WeightSync:
     """The policy -> rollout sync groups, wired once: rank 0 of the policy is the sender, each
     rollout engine a receiver (see actors.weight_sync), on the transport `transports` names
-    for it (PlacementPlan.sync_transports; default "auto": NCCL on GPUs, else gloo). Engines
-    of one kind of transport share a group: one for the broadcast (gloo or NCCL), one for
-    the engines on the sender's GPU (CUDA IPC)."""
+    for it (PlacementPlan.sync_transports; default "auto": NCCL on GPUs, else gloo). The
+    engines of one transport share a group with the sender."""
 
     def __init__(
         self, policy: ActorGroup, rollout: ActorGroup, transports: list[str] | None = None
@@ -350,14 +349,9 @@ class WeightSync:
         addr = rank0_address(policy.placement, policy.bundle_indices[0])
         host = "127.0.0.1" if addr == "127.0.0.1" else ""
         groups, refs = [], []
-        for ipc in (False, True):
-            members = [i for i, t in enumerate(self.transports) if (t == "cuda_ipc") == ipc]
-            kinds = {self.transports[i] for i in members}
-            if len(kinds) > 1:
-                raise ValueError(f"weight sync: engines on both {sorted(kinds)} broadcasts")
-            if not members:
-                continue
-            port, world, transport = free_port(host), 1 + len(members), kinds.pop()
+        for transport in dict.fromkeys(self.transports):
+            members = [i for i, t in enumerate(self.transports) if t == transport]
+            port, world = free_port(host), 1 + len(members)
             groups.append((port, world, transport))
             refs += [
                 rollout.actors[i].init_weight_sync.remote(addr, port, world, 1 + k, transport)

@@ -138,16 +138,14 @@ class StepResult:
 
 
 class DeepSpeedTrainer(Worker):
-    """The engine machinery shared by the policy and (online) critic trainers."""
-
-    kind: str = "causal"
-    role: str = "policy"
+    """The engine machinery shared by the policy and (online) critic trainers; the spec says
+    which role and model kind this rank trains."""
 
     def __init__(self, info: RankInfo, spec: TrainerSpec, total_steps: int):
         super().__init__(info)
         import deepspeed
 
-        self.spec, self.kind = spec, spec.kind
+        self.spec, self.role, self.kind = spec, spec.role, spec.kind
         self.init_process_group()
         # Identical initial weights (e.g. freshly initialised heads) on every rank.
         torch.manual_seed(spec.train.seed)
@@ -416,10 +414,7 @@ class DeepSpeedTrainer(Worker):
 
 class CriticTrainer(DeepSpeedTrainer):
     """The PPO value model: one value per token, initialised from the configured critic model,
-    else the reward model (when it is an HF model), else the policy."""
-
-    kind = "critic"
-    role = "critic"
+    else the reward model (when it is an HF model), else the policy (rlhf.roles.trainer_spec)."""
 
 
 class PolicyTrainer(DeepSpeedTrainer):

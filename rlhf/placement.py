@@ -950,8 +950,10 @@ class _Planner:
         if not engines or not self.plan.role_slots("policy"):
             return  # nothing to sync, or a role that could not be planned (said already)
         nccl = [e for e, t in zip(engines, self.plan.sync_transports(), strict=True) if t == "nccl"]
+        if not nccl:
+            return
         holders: dict[tuple[str | None, int], list[str]] = {}
-        for slot in [self.plan.role_slots("policy")[0], *nccl] if nccl else []:
+        for slot in (self.plan.role_slots("policy")[0], *nccl):
             for dev in slot.devices:
                 holders.setdefault((slot.node, dev), []).append(f"{slot.role}[{slot.rank}]")
         for (node, dev), ranks in sorted(holders.items(), key=str):
