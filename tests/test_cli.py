@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -44,6 +45,11 @@ def test_quickstart_config_runs_offline(tmp_path):
         saved["algorithm"] == "ppo"
         and saved["roles"]["reward"]["function"] == "rlhf.rewards:vader_sentiment"
     )
+    # Asynchronous by default: step 2 trains on the batch the initial weights sampled.
+    assert saved["roles"]["rollout"]["max_staleness"] == 1
+    assert saved["ppo"]["off_policy_correction"] == "tis"
+    rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["rollout/version"] for r in rows if "rollout/version" in r] == [0, 0]
     assert result.stdout.count("before (") == 3 and "final eval: reward/mean=" in result.stdout
     assert (out / "plot.png").exists() and (out / "final" / "model.safetensors").exists()
 
