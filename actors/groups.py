@@ -495,6 +495,8 @@ class RewardGroup(ActorGroup[RewardModel]):
         res, spec = cfg.roles.reward.resources, reward_spec(cfg)
         super().__init__("reward", RewardModel, res, spec, placement=placement)
 
-    def score(self, prompts: list[str], responses: list[str]) -> ray.ObjectRef:
-        """Scores of the responses, on the first rank (one ref)."""
-        return self.actors[0].score.remote(prompts, responses)
+    def score(
+        self, prompts: list[str], responses: list[str], fields: list[dict] | None = None
+    ) -> ray.ObjectRef:
+        """Scores of the responses (with their rows' fields), on the first rank (one ref)."""
+        return self.actors[0].score.remote(prompts, responses, fields)

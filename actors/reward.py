@@ -6,19 +6,28 @@ rlhf.advantages.shape_scores."""
 from __future__ import annotations
 
 import importlib
+import inspect
+import itertools
 import json
 import math
+import multiprocessing
 import os
 import time
 import urllib.error
 import urllib.request
 from collections.abc import Callable
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import dataclass, field
 
 import torch
 
 from actors.base import RankInfo, Worker
 from rlhf.config import ModelConfig, RewardConfig
 from rlhf.roles import RewardSpec
+from rlhf.verifiers import score_chunk
+
+#: Per sample: the prompt row's extra fields (rlhf.data: PromptFeatures.fields).
+Fields = list[dict]
 
 
 class RewardError(RuntimeError):
@@ -41,17 +50,128 @@ def _check(scores: list, n: int, source: str) -> torch.Tensor:
     return torch.tensor(values, dtype=torch.float32)
 
 
+@dataclass
+class Scores:
+    """What a reward source returns for a batch: the rewards, and for verifiable rewards each
+    sample's verdict (correct: the first verifier gave 1) and reasons; metrics for the step's
+    row (reward/<verifier>, timing/reward)."""
+
+    values: torch.Tensor
+    correct: list[bool] | None = None
+    reasons: list[str] | None = None
+    metrics: dict[str, float] = field(default_factory=dict)
+
+    def select(self, rows: list[int]) -> Scores:
+        """These rows' scores (the metrics stay the whole batch's)."""
+        pick = lambda xs: None if xs is None else [xs[i] for i in rows]  # noqa: E731
+        index = torch.tensor(rows, dtype=torch.long)
+        return Scores(self.values[index], pick(self.correct), pick(self.reasons), self.metrics)
+
+    @staticmethod
+    def cat(parts: list[Scores]) -> Scores:
+        """Scores of several batches, in order (the metrics are the first batch's)."""
+        joined = lambda name: (  # noqa: E731
+            None
+            if getattr(parts[0], name) is None
+            else [x for p in parts for x in getattr(p, name)]
+        )
+        values = torch.cat([p.values for p in parts])
+        return Scores(values, joined("correct"), joined("reasons"), dict(parts[0].metrics))
+
+
+def _import_function(spec: str) -> Callable:
+    module, _, name = spec.partition(":")
+    try:
+        return getattr(importlib.import_module(module), name)
+    except (ImportError, AttributeError) as err:
+        raise RewardError(f"reward.function={spec!r} cannot be imported: {err}") from None
+
+
+def function_fields(fn: Callable) -> tuple[tuple[str, ...], bool]:
+    """(the row fields a reward function names as parameters after (prompts, responses),
+    whether it takes **kwargs, i.e. every field). Named parameters without a default are
+    required: a row without one is quarantined."""
+    params = list(inspect.signature(fn).parameters.values())[2:]
+    named = tuple(
+        p.name
+        for p in params
+        if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY) and p.default is p.empty
+    )
+    return named, any(p.kind == p.VAR_KEYWORD for p in params)
+
+
+def required_fields(rc: RewardConfig) -> tuple[str, ...]:
+    """The prompt-row fields the reward needs (a row missing one is bad input)."""
+    if rc.type == "function":
+        return function_fields(_import_function(rc.function))[0]  # type: ignore[arg-type]
+    if rc.type == "verifiable":
+        return tuple(dict.fromkeys(v.ground_truth for v in rc.verifiers if v.ground_truth))
+    return ()
+
+
 class FunctionScorer:
     def __init__(self, spec: str):
-        module, _, name = spec.partition(":")
-        try:
-            self.fn: Callable = getattr(importlib.import_module(module), name)
-        except (ImportError, AttributeError) as err:
-            raise RewardError(f"reward.function={spec!r} cannot be imported: {err}") from None
+        self.fn = _import_function(spec)
+        self.named, self.takes_all = function_fields(self.fn)
         self.source = f"reward function {spec}"
 
-    def __call__(self, prompts: list[str], responses: list[str]) -> torch.Tensor:
-        return _check(self.fn(prompts, responses), len(responses), self.source)
+    def __call__(
+        self, prompts: list[str], responses: list[str], fields: Fields | None = None
+    ) -> torch.Tensor:
+        rows = fields or [{} for _ in responses]
+        keys = sorted({k for r in rows for k in r}) if self.takes_all else self.named
+        kwargs = {k: [r.get(k) for r in rows] for k in keys}
+        return _check(self.fn(prompts, responses, **kwargs), len(responses), self.source)
+
+
+class VerifiableScorer:
+    """roles.reward.verifiers over each response and its row's ground truth, in `workers`
+    processes (spawned once; each gets an equal chunk of the batch), or in this process when
+    workers is 0. A verifier that fails on a response scores 0 with the error as its reason."""
+
+    def __init__(self, rc: RewardConfig):
+        self.verifiers = [v.model_dump() for v in rc.verifiers]
+        for v, cfg in zip(self.verifiers, rc.verifiers, strict=True):
+            v["field"] = cfg.ground_truth
+        self.names = _verifier_names(rc)
+        self.workers = rc.workers
+        self.pool: ProcessPoolExecutor | None = None
+
+    def __call__(self, prompts: list[str], responses: list[str], fields: Fields | None) -> Scores:
+        rows = fields or [{} for _ in responses]
+        if self.workers and len(responses) > 1:
+            if self.pool is None:
+                # spawn: a fork of a process with Ray's threads could deadlock.
+                context = multiprocessing.get_context("spawn")
+                self.pool = ProcessPoolExecutor(self.workers, mp_context=context)
+            n = min(self.workers, len(responses))
+            bounds = [len(responses) * i // n for i in range(n + 1)]
+            futures = [
+                self.pool.submit(score_chunk, self.verifiers, responses[lo:hi], rows[lo:hi])
+                for lo, hi in itertools.pairwise(bounds)
+            ]
+            results = [x for f in futures for x in f.result()]
+        else:
+            results = score_chunk(self.verifiers, responses, rows)
+        totals = torch.tensor([r[0] for r in results], dtype=torch.float32)
+        parts = torch.tensor([r[1] for r in results], dtype=torch.float32).view(len(results), -1)
+        metrics = {f"reward/{name}": parts[:, i].mean().item() for i, name in enumerate(self.names)}
+        return Scores(
+            totals, [bool(r[1][0] >= 1.0) for r in results], [r[2] for r in results], metrics
+        )
+
+    def close(self) -> None:
+        if self.pool is not None:
+            self.pool.shutdown(cancel_futures=True)
+            self.pool = None
+
+
+def _verifier_names(rc: RewardConfig) -> list[str]:
+    """reward/<name> of each verifier: its kind, numbered when a kind repeats."""
+    kinds = [v.kind for v in rc.verifiers]
+    return [
+        k if kinds.count(k) == 1 else f"{k}_{kinds[: i + 1].count(k)}" for i, k in enumerate(kinds)
+    ]
 
 
 class HTTPScorer:
@@ -158,16 +278,45 @@ def _num_labels(model_cfg: ModelConfig) -> int:
     return getattr(config, "num_labels", 1) or 1
 
 
-def make_scorer(spec: RewardSpec, device: str = "cpu"):
-    """The reward source of roles.reward (a function, an HTTP endpoint or an HF model)."""
+class Reward:
+    """The reward source of roles.reward, called as reward(prompts, responses, fields) ->
+    Scores; its time is timing/reward. `source` is the scorer: a function, an HTTP endpoint,
+    an HF model (tensors) or the verifiers (Scores)."""
+
+    def __init__(self, source):
+        self.source = source
+        self.model = getattr(source, "model", None)
+
+    def __call__(
+        self, prompts: list[str], responses: list[str], fields: Fields | None = None
+    ) -> Scores:
+        start = time.perf_counter()
+        if isinstance(self.source, FunctionScorer | VerifiableScorer):
+            out = self.source(prompts, responses, fields)
+        else:
+            out = self.source(prompts, responses)
+        scores = out if isinstance(out, Scores) else Scores(out)
+        scores.metrics["timing/reward"] = time.perf_counter() - start
+        return scores
+
+    def close(self) -> None:
+        if isinstance(self.source, VerifiableScorer):
+            self.source.close()
+
+
+def make_scorer(spec: RewardSpec, device: str = "cpu") -> Reward:
+    """The reward source of roles.reward (a function, an HTTP endpoint, an HF model or the
+    verifiers)."""
     rc = spec.reward
     if rc.type == "function":
-        return FunctionScorer(rc.function)  # type: ignore[arg-type]
+        return Reward(FunctionScorer(rc.function))  # type: ignore[arg-type]
+    if rc.type == "verifiable":
+        return Reward(VerifiableScorer(rc))
     if rc.type == "http":
-        return HTTPScorer(rc)
+        return Reward(HTTPScorer(rc))
     if rc.type == "model":
-        return ModelScorer(  # type: ignore[arg-type]
-            rc.model, device, spec.max_length, precision=spec.precision
+        return Reward(
+            ModelScorer(rc.model, device, spec.max_length, precision=spec.precision)  # type: ignore[arg-type]
         )
     raise RewardError("roles.reward.type=none: this run has no reward source")
 
@@ -177,9 +326,11 @@ class RewardModel(Worker):
         super().__init__(info)
         self.scorer = make_scorer(spec, self.device)
 
-    def score(self, prompts: list[str], responses: list[str]) -> torch.Tensor:
-        return self.scorer(prompts, responses)
+    def score(
+        self, prompts: list[str], responses: list[str], fields: Fields | None = None
+    ) -> Scores:
+        return self.scorer(prompts, responses, fields)
 
     def perf_module(self):
-        model = getattr(self.scorer, "model", None)
+        model = self.scorer.model
         return (model, model.dtype) if model is not None else (None, None)

@@ -54,24 +54,27 @@ def cmd_merge_lora(args) -> int:
 
 def _prompt_set(cfg: RunConfig, limit: int | None):
     """The eval prompts of a config (its train prompts when it has none), tokenised."""
+    from actors.reward import required_fields
     from rlhf.data import load_datasets
     from rlhf.models import load_tokenizer
 
     tokenizer = load_tokenizer(cfg.model)
-    train, evaluation = load_datasets(cfg.data, "prompt", tokenizer, Path(cfg.output_dir))
+    required = required_fields(cfg.roles.reward)
+    train, evaluation = load_datasets(cfg.data, "prompt", tokenizer, Path(cfg.output_dir), required)
     data = evaluation or train
     n = min(len(data), limit) if limit else len(data)
     return [data[i] for i in range(n)], tokenizer
 
 
-def sample(cfg: RunConfig, features, tokenizer, seed: int) -> list[str]:
-    """One greedy-or-sampled response per prompt (roles.rollout settings), decoded."""
+def sample(cfg: RunConfig, features, tokenizer, seed: int, n: int = 1) -> list[str]:
+    """`n` greedy-or-sampled responses per prompt (roles.rollout settings), decoded, each
+    prompt's adjacent."""
     from actors.rollout import HFBackend
     from rlhf.data import make_collator
     from rlhf.roles import engine_spec
 
     backend = HFBackend(engine_spec(cfg), "cpu")
-    settings = cfg.roles.rollout.model_copy(update={"n_samples_per_prompt": 1})
+    settings = cfg.roles.rollout.model_copy(update={"n_samples_per_prompt": n})
     collate = make_collator("prompt", tokenizer.pad_token_id)
     out = []
     for i in range(0, len(features), 8):
@@ -112,7 +115,9 @@ def cmd_generate(args) -> int:
     columns: dict[str, tuple[list[str], list[float] | None]] = {}
     for path in models:
         responses = sample(_model_override(base, path), features, tokenizer, args.seed)
-        scores = scorer(prompts, responses).tolist() if scorer is not None else None
+        scores = None
+        if scorer is not None:
+            scores = scorer(prompts, responses, [f.fields for f in features]).values.tolist()
         columns[path] = (responses, scores)
     _print_side_by_side(prompts, columns, args.width)
     report = {
@@ -195,19 +200,42 @@ def evaluate_offline(cfg: RunConfig, limit: int | None = None) -> dict[str, floa
     return {"rows": int(rows), **{k: v / rows for k, v in sums.items()}}
 
 
-def evaluate_rewards(cfg: RunConfig, limit: int | None, seed: int) -> dict[str, float]:
-    """Mean and std of the reward of one response per prompt (roles.rollout sampling)."""
+def evaluate_rewards(
+    cfg: RunConfig, limit: int | None, seed: int, samples: Path | None = None
+) -> dict[str, float]:
+    """Mean and std of the reward of roles.rollout.eval_samples_per_prompt responses per
+    prompt (roles.rollout sampling); with verifiable rewards pass@k and mean@n too. `samples`:
+    a JSONL file for every response with its reward and verdict."""
+    from actors.online import write_eval_samples
     from actors.reward import make_scorer
     from rlhf.roles import reward_spec
+    from rlhf.verifiers import pass_metrics
 
     features, tokenizer = _prompt_set(cfg, limit)
-    responses = sample(cfg, features, tokenizer, seed)
-    scores = make_scorer(reward_spec(cfg))([f.prompt_text for f in features], responses)
-    return {
+    n = cfg.roles.rollout.eval_samples_per_prompt
+    responses = sample(cfg, features, tokenizer, seed, n)
+    rows = [f for f in features for _ in range(n)]
+    scorer = make_scorer(reward_spec(cfg))
+    try:
+        scored = scorer([f.prompt_text for f in rows], responses, [f.fields for f in rows])
+    finally:
+        scorer.close()
+    scores = scored.values
+    out = {
         "rows": len(responses),
         "reward/mean": scores.mean().item(),
         "reward/std": scores.std().item() if len(responses) > 1 else 0.0,
     }
+    if scored.correct is not None:
+        index = [i for i in range(len(features)) for _ in range(n)]
+        out.update(
+            {k.removeprefix("eval/"): v for k, v in pass_metrics(index, scored.correct).items()}
+        )
+    if samples is not None:
+        samples.unlink(missing_ok=True)
+        write_eval_samples(samples, 0, [f.prompt_text for f in rows], rows, responses, scored)
+        print(f"samples written to {samples}")
+    return out
 
 
 def cmd_eval(args) -> int:
@@ -219,7 +247,7 @@ def cmd_eval(args) -> int:
             cfg = cfg.model_copy(update={"roles": cfg.roles.model_copy(update={"reference": ref})})
         cfg = _model_override(cfg, args.model)
     if cfg.algorithm == "ppo":
-        result = evaluate_rewards(cfg, args.limit, args.seed)
+        result = evaluate_rewards(cfg, args.limit, args.seed, args.samples)
     else:
         result = evaluate_offline(cfg, args.limit)
     print(f"eval of {cfg.model.name_or_path} ({cfg.algorithm}):")
@@ -278,4 +306,7 @@ def add_parsers(sub) -> None:
     p.add_argument("--limit", type=int, default=None, help="evaluate at most this many rows")
     p.add_argument("--seed", type=int, default=0, help="sampling seed for ppo (default 0)")
     p.add_argument("--json", help="also write the metrics here")
+    p.add_argument(
+        "--samples", type=Path, help="ppo: write every response with its reward and verdict (JSONL)"
+    )
     p.set_defaults(fn=cmd_eval)

@@ -675,3 +675,70 @@ def test_chat_prompts_wraps_plain_prompts_as_a_user_turn(tiny_tokenizer):
     assert text.startswith("<|im_start|>user\n") and text.endswith(
         "<|im_end|>\n<|im_start|>assistant\n"
     )
+
+
+# ---------------------------------------------------------------- prompt rows with ground truth
+
+
+def test_prompt_rows_carry_their_other_fields(tiny_tokenizer, tmp_path):
+    tests = ["assert f(1) == 2"]
+    path = write_jsonl(
+        tmp_path / "p.jsonl",
+        [
+            {"prompt": "What is 2+2?", "answer": "4", "metadata": {"level": 1}},
+            {"messages": CHAT, "answer": 7, "tests": tests},
+            {"prompt": "No answer here."},
+        ],
+    )
+    ds = load(path, "prompt", tiny_tokenizer, max_bad_fraction=1.0, chat_prompts=True)
+    assert [f.fields for f in ds.features] == [
+        {"answer": "4", "metadata": {"level": 1}},
+        {"answer": 7, "tests": tests},
+        {},
+    ]
+    # The fields are not part of the prompt the model sees.
+    assert "4" not in ds.features[0].prompt_text.replace("2+2", "")
+    # The reward reads `answer`: a row without it is quarantined, naming file, row and field.
+    qfile = tmp_path / "q.jsonl"
+    cfg = data_config(path, max_bad_fraction=1.0)
+    ds = load_split(cfg.train, cfg, "prompt", tiny_tokenizer, qfile, required=("answer",))
+    assert len(ds) == 2 and ds.quarantine.count == 1
+    record = json.loads(qfile.read_text())
+    assert (record["row"], record["field"]) == (3, "answer")
+    assert "the reward (roles.reward) reads it" in record["reason"]
+    # A null counts as missing; strict mode refuses to start on the first such row.
+    write_jsonl(path, [{"prompt": "Q", "answer": "1"}, {"prompt": "Q", "answer": None}])
+    cfg = data_config(path, strict=True)
+    with pytest.raises(DataError) as err:
+        load_split(cfg.train, cfg, "prompt", tiny_tokenizer, None, required=("answer",))
+    assert f"{path} row 2, field 'answer': field 'answer' is null" in str(err.value)
+    # Both prompt and messages in one row is still a mistake, not a field.
+    with pytest.raises(RowError, match="unexpected key 'messages'"):
+        validate({"prompt": "Q", "messages": CHAT}, "prompt")
+
+
+def test_math_presets_on_their_real_schemas(tiny_tokenizer):
+    from rlhf.data.presets import MATH_INSTRUCTION
+
+    samples = Path(__file__).resolve().parents[1] / "configs" / "recipes" / "samples"
+    gsm = load(samples / "gsm8k.jsonl", "prompt", tiny_tokenizer, preset="gsm8k", strict=True)
+    assert [f.fields["answer"] for f in gsm.features] == ["71", "190", "168", "500", "57", "224"]
+    assert all(MATH_INSTRUCTION in f.prompt_text for f in gsm.features)
+    math = load(samples / "math.jsonl", "prompt", tiny_tokenizer, preset="math", strict=True)
+    assert [f.fields["answer"] for f in math.features] == [
+        "\\frac{19}{12}",
+        "9",
+        "9",
+        "5\\sqrt{2}",
+        "720",
+        "2",
+    ]
+    deep = load(samples / "deepscaler.jsonl", "prompt", tiny_tokenizer, preset="deepscaler")
+    assert [f.fields["answer"] for f in deep.features] == ["25", "120", "6", "31"]
+    sft = load(samples / "gsm8k.jsonl", "sft", tiny_tokenizer, preset="gsm8k", max_length=512)
+    assert len(sft) == 6
+    bad = {"question": "Q", "answer": "no final line"}
+    with pytest.raises(RowError, match="no '#### <number>' line"):
+        from rlhf.data.presets import gsm8k
+
+        gsm8k(bad, "prompt", 0)

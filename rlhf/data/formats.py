@@ -8,6 +8,7 @@ rendered with the tokenizer's chat template later (rlhf.data.tokenize).
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from typing import Any
 
@@ -45,7 +46,11 @@ class SFTRow:
 
 @dataclass(frozen=True)
 class PromptRow:
+    """A prompt, and the row's other fields (ground truth such as `answer` or `tests`,
+    metadata): they travel untouched with each sample to the reward and the logs."""
+
     prompt: Text
+    fields: dict[str, Any] = dataclasses.field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -103,8 +108,9 @@ def check_messages(field: str, value: list | tuple) -> Messages:
     return tuple(out)
 
 
-def pick_variant(row: dict[str, Any], fmt: str) -> tuple[str, ...]:
-    """The key set this row uses; raises naming the missing or the unexpected key."""
+def pick_variant(row: dict[str, Any], fmt: str, extra_ok: bool = False) -> tuple[str, ...]:
+    """The key set this row uses; raises naming the missing or the unexpected key (`extra_ok`:
+    keys of no variant of the format are allowed)."""
     variants = FORMAT_KEYS[fmt]
     usable = [v for v in variants if all(k in row for k in v)]
     if not usable:
@@ -117,6 +123,8 @@ def pick_variant(row: dict[str, Any], fmt: str) -> tuple[str, ...]:
         )
     variant = max(usable, key=len)
     extra = [k for k in row if k not in variant]
+    if extra_ok:
+        extra = [k for k in extra if any(k in v for v in variants)]
     if extra:
         raise RowError(
             extra[0],
@@ -219,9 +227,19 @@ def validate_sft(row: dict[str, Any]) -> SFTRow:
     return SFTRow(prompt=prompt, completion=completion)
 
 
-def validate_prompt(row: dict[str, Any]) -> PromptRow:
-    variant = pick_variant(row, "prompt")
-    return PromptRow(check_text(variant[0], row[variant[0]]))
+def validate_prompt(row: dict[str, Any], required: tuple[str, ...] = ()) -> PromptRow:
+    """A prompt (or messages) and any other fields; `required`: the fields the reward reads."""
+    variant = pick_variant(row, "prompt", extra_ok=True)
+    fields = {k: v for k, v in row.items() if k not in variant}
+    for name in required:
+        if fields.get(name) is None:
+            got = "missing" if name not in fields else "null"
+            raise RowError(
+                name,
+                f"field {name!r} is {got}, and the reward (roles.reward) reads it: give every "
+                f"prompt row a {name!r} (or map a column to it with data.train.columns)",
+            )
+    return PromptRow(check_text(variant[0], row[variant[0]]), fields)
 
 
 def validate_unpaired(row: dict[str, Any]) -> UnpairedRow:
@@ -265,10 +283,15 @@ def validate_classification(row: dict[str, Any], num_labels: int) -> Classificat
     return ClassificationRow(text, label)
 
 
-def validate(row: dict[str, Any], fmt: str, num_labels: int = 2) -> TypedRow:
-    """Validate one row (after presets and column mapping) for a format."""
+def validate(
+    row: dict[str, Any], fmt: str, num_labels: int = 2, required: tuple[str, ...] = ()
+) -> TypedRow:
+    """Validate one row (after presets and column mapping) for a format; `required`: fields a
+    prompt row must carry for the reward."""
     if fmt == "classification":
         return validate_classification(row, num_labels)
+    if fmt == "prompt":
+        return validate_prompt(row, required)
     return _VALIDATORS[fmt](row)
 
 

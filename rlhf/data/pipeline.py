@@ -82,8 +82,10 @@ def load_split(
     fmt: str,
     tokenizer,
     quarantine_path: Path | None = None,
+    required: tuple[str, ...] = (),
 ) -> TokenizedDataset:
-    """Read, validate and tokenise one dataset source for the given row format."""
+    """Read, validate and tokenise one dataset source for the given row format (`required`:
+    see load_datasets)."""
     settings = TokenizeSettings(
         data.max_length, data.prompt_limit, data.truncation_mode, data.completion_only_loss
     )
@@ -99,9 +101,10 @@ def load_split(
         try:
             if isinstance(raw, RowError):
                 raise raw
-            typed = validate(map_row(source, fmt, raw, number - 1), fmt, data.num_labels)
+            row = map_row(source, fmt, raw, number - 1)
+            typed = validate(row, fmt, data.num_labels, required)
             if data.chat_prompts and isinstance(typed, PromptRow) and isinstance(typed.prompt, str):
-                typed = PromptRow(({"role": "user", "content": typed.prompt},))
+                typed = PromptRow(({"role": "user", "content": typed.prompt},), typed.fields)
             if _uses_chat(typed):
                 require_chat_template(tokenizer, where(source.path, number, None))
             t.truncated.clear()
@@ -138,14 +141,21 @@ def _check_health(dataset: TokenizedDataset, max_bad_fraction: float) -> None:
 
 
 def load_datasets(
-    data: DataConfig, fmt: str, tokenizer, output_dir: str | Path | None = None
+    data: DataConfig,
+    fmt: str,
+    tokenizer,
+    output_dir: str | Path | None = None,
+    required: tuple[str, ...] = (),
 ) -> tuple[TokenizedDataset, TokenizedDataset | None]:
-    """Train and eval splits; quarantine files go to OUTPUT_DIR/quarantine/{train,eval}.jsonl."""
+    """Train and eval splits; quarantine files go to OUTPUT_DIR/quarantine/{train,eval}.jsonl.
+    `required`: fields every prompt row must carry (those the reward reads)."""
     qdir = Path(output_dir) / "quarantine" if output_dir is not None else None
-    train = load_split(data.train, data, fmt, tokenizer, qdir / "train.jsonl" if qdir else None)
+    train = load_split(
+        data.train, data, fmt, tokenizer, qdir / "train.jsonl" if qdir else None, required
+    )
     if data.eval is not None:
         return train, load_split(
-            data.eval, data, fmt, tokenizer, qdir / "eval.jsonl" if qdir else None
+            data.eval, data, fmt, tokenizer, qdir / "eval.jsonl" if qdir else None, required
         )
     if data.eval_fraction > 0:
         return split_off_eval(train, data.eval_fraction, data.seed)

@@ -87,7 +87,56 @@ def imdb(row: Row, fmt: str, index: int) -> Row:
     return {"text": text, "label": label}
 
 
+#: The instruction appended to math problems (the Qwen2.5-Math / DeepSeek-R1 evaluation prompt):
+#: the final answer goes in \boxed{}, where roles.reward's math verifier looks first.
+MATH_INSTRUCTION = "Please reason step by step, and put your final answer within \\boxed{}."
+
+
+def _math_row(problem: Any, answer: Any, solution: Any, fmt: str) -> Row:
+    """A math problem as a chat prompt carrying its ground truth (`answer`), or for SFT the
+    worked solution as the completion."""
+    prompt = [{"role": "user", "content": f"{str(problem).strip()}\n{MATH_INSTRUCTION}"}]
+    if fmt == "prompt":
+        return {"prompt": prompt, "answer": str(answer).strip()}
+    if fmt == "sft":
+        return {"prompt": prompt, "completion": [{"role": "assistant", "content": str(solution)}]}
+    raise RowError("preset", f"math presets give prompt or sft rows, not {fmt}")
+
+
+def gsm8k(row: Row, fmt: str, index: int) -> Row:
+    """openai/gsm8k (main): `question`, and `answer` = the worked solution ending in
+    '#### <number>'; the number (commas dropped) is the ground truth."""
+    question, answer = _need(row, "question", "answer")
+    _, sep, final = str(answer).rpartition("####")
+    if not sep or not final.strip():
+        raise RowError("answer", "GSM8K answer has no '#### <number>' line")
+    return _math_row(question, final.strip().replace(",", ""), answer, fmt)
+
+
+def math_problems(row: Row, fmt: str, index: int) -> Row:
+    """MATH (hendrycks_math / EleutherAI/hendrycks_math: problem, solution, level, type) and
+    MATH-500 (HuggingFaceH4/MATH-500: problem, solution, answer, subject, level, unique_id):
+    the ground truth is `answer` where the set has it, else the solution's last \boxed{}."""
+    from rlhf.verifiers import extract_boxed
+
+    problem, solution = _need(row, "problem", "solution")
+    answer = row.get("answer") or extract_boxed(str(solution))
+    if not answer:
+        raise RowError("solution", "MATH solution has no \\boxed{} answer (and no 'answer' column)")
+    return _math_row(problem, answer, solution, fmt)
+
+
+def deepscaler(row: Row, fmt: str, index: int) -> Row:
+    """agentica-org/DeepScaleR-Preview-Dataset and sets of its schema (problem, answer,
+    solution)."""
+    problem, answer = _need(row, "problem", "answer")
+    return _math_row(problem, answer, row.get("solution", ""), fmt)
+
+
 PRESETS: dict[str, Callable[[Row, str, int], Row]] = {
+    "gsm8k": gsm8k,
+    "math": math_problems,
+    "deepscaler": deepscaler,
     "stack_exchange_paired": stack_exchange_paired,
     "ultrafeedback_binarized": ultrafeedback_binarized,
     "marc_ja": marc_ja,

@@ -10,7 +10,7 @@ end-of-turn marker.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from rlhf.data.formats import (
     ClassificationRow,
@@ -56,6 +56,8 @@ class PromptFeatures:
     index: int
     prompt_ids: list[int]
     prompt_text: str
+    fields: dict = field(default_factory=dict)
+    """The row's other fields (PromptRow.fields), for the reward and the logs."""
 
 
 @dataclass(frozen=True)
@@ -241,7 +243,9 @@ def sft_features(t: Tokenizer, row: SFTRow, index: int) -> SFTFeatures:
 
 
 def prompt_features(t: Tokenizer, row: PromptRow, index: int) -> PromptFeatures:
-    return PromptFeatures(index, t.prompt_ids(row.prompt), render_prompt(t.tok, row.prompt))
+    return PromptFeatures(
+        index, t.prompt_ids(row.prompt), render_prompt(t.tok, row.prompt), row.fields
+    )
 
 
 def unpaired_features(t: Tokenizer, row: UnpairedRow, index: int) -> UnpairedFeatures:
