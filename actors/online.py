@@ -32,7 +32,7 @@ from actors.groups import (
     start_placement,
 )
 from actors.metrics import MetricsLogger, RolePerf, reduce_metrics
-from actors.reward import make_scorer
+from actors.reward import Scores, make_scorer, required_fields
 from actors.run import FAULT_EXIT_AFTER_STEP, StepPlan, init_ray, write_actor_pids, write_checkpoint
 from rlhf.advantages import RunningMeanStd
 from rlhf.config import RunConfig, dump_config
@@ -51,16 +51,21 @@ from rlhf.rollout import (
     rank_slices,
     rollout_token_logps,
     save_rollouts,
+    select_rows,
     sequences,
 )
 from rlhf.rundir import Claim
 from rlhf.types import Experience
+from rlhf.verifiers import pass_metrics
 
 #: The roles of an online run, in the order they are reported.
 ROLE_NAMES = ("policy", "rollout", "reward", "critic", "reference")
 
 #: Rollout seed "step" of evaluation generations (fixed: before/after use the same draws).
 EVAL_SEED_STEP = 10**6
+
+#: Rollout seed "step" of dynamic sampling's extra round j of step t: 2·10^6 + 64 t + j.
+EXTRA_SEED_STEP = 2 * 10**6
 
 
 def print_before_after(report: dict) -> None:
@@ -116,6 +121,27 @@ def plot_metrics(metrics_file: Path, png: Path) -> Path | None:
     return png
 
 
+def write_eval_samples(
+    path: Path, step: int, prompts: list[str], rows: list, responses: list[str], scored: Scores
+) -> None:
+    """Append one JSON line per held-out sample: step, prompt, fields, response, reward and,
+    for verifiable rewards, the verdict and its reasons."""
+    with path.open("a") as f:
+        for k, response in enumerate(responses):
+            record = {
+                "step": step,
+                "prompt": prompts[k],
+                "fields": rows[k].fields,
+                "response": response,
+                "reward": round(scored.values[k].item(), 6),
+            }
+            if scored.correct is not None:
+                record["correct"] = scored.correct[k]
+            if scored.reasons is not None:
+                record["reason"] = scored.reasons[k]
+            f.write(json.dumps(record, ensure_ascii=False, default=str) + "\n")
+
+
 def _rows(refs) -> torch.Tensor | None:
     """Per-rank lists of micro-batch outputs, back in row order (None when no group)."""
     return None if refs is None else torch.cat([t for rank in gather(refs) for t in rank])
@@ -157,7 +183,7 @@ class OnlineRun:
         self.out = Path(cfg.output_dir)
         self.tokenizer = load_tokenizer(cfg.model)
         self.prompts, self.eval_prompts = load_datasets(
-            cfg.data, "prompt", self.tokenizer, self.out
+            cfg.data, "prompt", self.tokenizer, self.out, required_fields(cfg.roles.reward)
         )
         print(f"data: {self.prompts.summary()}", flush=True)
         self.collate = make_collator("prompt", self.tokenizer.pad_token_id)
@@ -294,16 +320,13 @@ class OnlineRun:
         parts = parts or self.submit_generate(step)
         return InFlight(step, parts, version, self._forward(self.reference, parts))
 
-    def start_rollout(self, step: int) -> tuple[list, dict[str, list | None]]:
-        """Step `step`'s rollout and, queued behind it, its per-token forwards."""
-        parts = self.submit_generate(step)
-        return parts, self.submit_forwards(parts)
-
     # ------------------------------------------------------------------ evaluation
 
-    def evaluate(self) -> dict[str, float]:
+    def evaluate(self, step: int) -> dict[str, float]:
         """Mean reward of fresh samples on the held-out prompts (the same seed every time, so
-        before/after differ by the policy only); keeps the first responses for the report."""
+        before/after differ by the policy only), and with verifiable rewards pass@k and mean@n
+        over roles.rollout.eval_samples_per_prompt samples; every sample goes to
+        eval_samples.jsonl with its verdict; keeps the first responses for the report."""
         if self.eval_prompts is None:
             return {}
         indices = list(range(len(self.eval_prompts)))
@@ -316,30 +339,38 @@ class OnlineRun:
         sampling = s.model_copy(update={"n_samples_per_prompt": s.eval_samples_per_prompt})
         parts = gather(self.rollout.generate(batches, EVAL_SEED_STEP, sampling))
         r = merge_rollouts(parts, self.tokenizer.pad_token_id)
-        prompts = [self.eval_prompts[int(i)].prompt_text for i in r.prompt_index]
+        rows = [self.eval_prompts[int(i)] for i in r.prompt_index]
+        prompts = [f.prompt_text for f in rows]
         responses = self._decode(r)
-        scores = self.fetch_scores(self.submit_scores(prompts, responses))
+        scored = self.fetch_scores(self.submit_scores(prompts, responses, rows))
+        scores = scored.values
         # The report keeps the first response of the first 3 prompts.
         first = {}
         for row, i in enumerate(r.prompt_index.tolist()):
             first.setdefault(i, row)
-        rows = list(first.values())[:3]
-        self.eval_samples.append([(prompts[k], responses[k], scores[k].item()) for k in rows])
-        return {
+        kept = list(first.values())[:3]
+        self.eval_samples.append([(prompts[k], responses[k], scores[k].item()) for k in kept])
+        write_eval_samples(self.out / "eval_samples.jsonl", step, prompts, rows, responses, scored)
+        out = {
             "eval/reward/mean": scores.mean().item(),
             "eval/reward/std": scores.std().item() if len(scores) > 1 else 0.0,
         }
+        if scored.correct is not None:
+            out.update(pass_metrics(r.prompt_index.tolist(), scored.correct))
+        return out
 
-    def submit_scores(self, prompts: list[str], responses: list[str]):
+    def submit_scores(self, prompts: list[str], responses: list[str], rows: list):
         """Start scoring on the reward actor (a ref), or score here when the reward runs in the
-        driver (a tensor): call it after the actors' work is submitted, so that both overlap."""
+        driver (Scores): call it after the actors' work is submitted, so that both overlap.
+        `rows`: each response's prompt features (their fields go to the reward)."""
+        fields = [f.fields for f in rows]
         if self.scorer is not None:
-            return self.scorer(prompts, responses)
-        return self.reward.score(prompts, responses)
+            return self.scorer(prompts, responses, fields)
+        return self.reward.score(prompts, responses, fields)
 
     @staticmethod
-    def fetch_scores(handle) -> torch.Tensor:
-        return handle if isinstance(handle, torch.Tensor) else gather([handle])[0]
+    def fetch_scores(handle) -> Scores:
+        return handle if isinstance(handle, Scores) else gather([handle])[0]
 
     def _decode(self, r: Rollout) -> list[str]:
         rows = [row[m].tolist() for row, m in zip(r.response_ids, r.response_mask, strict=True)]
@@ -367,17 +398,18 @@ class OnlineRun:
         return self.cfg.ppo.old_logps
 
     def make_experience(
-        self, r: Rollout, forwards: dict[str, list | None]
+        self, r: Rollout, forwards: dict[str, list | None], scored: Scores | None = None
     ) -> tuple[Experience, dict[str, float]]:
-        """Scores, values, old log-probs and advantages of a rollout, whose per-token forwards
-        `submit_forwards` already queued. With the KL in the loss, the reference's result is
-        not awaited here: `self.pending_ref` holds its refs for the updates, which fetch them
-        after their own forward pass."""
+        """Scores (unless `scored` has them), values, old log-probs and advantages of a
+        rollout, whose per-token forwards `submit_forwards` already queued. With the KL in the
+        loss, the reference's result is not awaited here: `self.pending_ref` holds its refs
+        for the updates, which fetch them after their own forward pass."""
         ids, attention, action = sequences(r)
-        prompt_text = [self.prompts[int(i)].prompt_text for i in r.prompt_index]
+        rows = [self.prompts[int(i)] for i in r.prompt_index]
+        prompt_text = [f.prompt_text for f in rows]
         responses = self._decode(r)
         ref_refs, old_refs, value_refs = forwards["reference"], forwards["old"], forwards["values"]
-        scores = self.submit_scores(prompt_text, responses)
+        scores = scored or self.submit_scores(prompt_text, responses, rows)
         self.pending_ref = ref_refs if self.kl_in_loss else None
         ref = None if self.kl_in_loss else _rows(ref_refs)
         old, values = _rows(old_refs), _rows(value_refs)
@@ -393,7 +425,8 @@ class OnlineRun:
         )
         measured_here = self.old_logps_source == "recompute" and not (own_old and to_update)
         gap = logp_gap(old, engine, action) if old is not None and measured_here else {}
-        scores = self.fetch_scores(scores)
+        scored = self.fetch_scores(scores)
+        scores = scored.values
         has_eos = torch.tensor([f == "stop" for f in r.finish])
         zeros = torch.zeros(action.shape)
         coef = 0.0 if self.kl_in_loss else self.kl.value
@@ -411,13 +444,19 @@ class OnlineRun:
         )
         adv.metrics["kl/coef"] = self.kl.value
         adv.metrics.update(gap)
+        adv.metrics.update(scored.metrics)
+        if scored.correct is not None:
+            adv.metrics["reward/accuracy"] = sum(scored.correct) / len(scored.correct)
+        if self.cfg.ppo.mask_truncated:  # DAPO's overlong filtering: no loss on cut responses
+            action = action & has_eos.unsqueeze(1)
+            adv.metrics["response/masked_truncated"] = 1.0 - has_eos.float().mean().item()
         exp = Experience(
             ids,
             attention,
             action,
             None if own_old else old * action,
-            adv.advantages,
-            adv.returns,
+            adv.advantages * action,
+            adv.returns * action,
             (values * action) if values is not None else zeros,
             r.prompt_index,
             engine if to_update else None,
@@ -501,7 +540,7 @@ class OnlineRun:
         logger = MetricsLogger(cfg, plan.total_steps, first)
         self.sync_weights()  # also after a resume: the engines start from the initial weights
         if first == 0:
-            before = self.evaluate()
+            before = self.evaluate(0)
             if before:
                 logger.log(0, before, 0)
         self.step_times: list[float] = []
@@ -546,7 +585,7 @@ class OnlineRun:
         """Held-out eval, the metrics row, the checkpoint (with the batches `inflight`, async)
         and the fault hook after `step`."""
         if evaluates:
-            metrics.update(self.evaluate())
+            metrics.update(self.evaluate(step + 1))
         # samples/s counts responses, as the summary's throughput does
         logger.log(step + 1, metrics, (step + 1) * self.responses_per_step)
         if saves:
@@ -554,6 +593,64 @@ class OnlineRun:
         if os.environ.get(FAULT_EXIT_AFTER_STEP) == str(step + 1):
             print(f"fault injection: exiting after step {step + 1}", flush=True)
             os._exit(17)
+
+    def start_rollout(self, step: int) -> tuple[list, dict[str, list | None] | None]:
+        """Step `step`'s rollout and, queued behind it, its per-token forwards (with dynamic
+        sampling, not yet: they run on the batch it keeps)."""
+        parts = self.submit_generate(step)
+        return parts, None if self.cfg.ppo.dynamic_sampling else self.submit_forwards(parts)
+
+    def fill_batch(self, step: int, parts: list) -> tuple[Rollout, Scores, dict[str, float]]:
+        """DAPO's dynamic sampling (Yu et al. 2025, §3.2): keep the groups whose rewards are
+        not all equal; while fewer than the step's prompts are kept, sample another batch of
+        prompts (seeded by step and round), at most ppo.dynamic_sampling_max_rounds times; a
+        batch still short is filled with dropped groups. Returns the batch, its scores (the
+        reward metrics of the first round, the on-policy sample) and dynamic_sampling/*."""
+        n, need = self.cfg.roles.rollout.n_samples_per_prompt, self.plan.global_batch
+        kept: list[tuple[Rollout, Scores]] = []
+        dropped: list[tuple[Rollout, Scores]] = []
+        have, rounds, first_scores = 0, 0, None
+        while True:
+            r = self.collect_rollout(parts)
+            rows = [self.prompts[int(i)] for i in r.prompt_index]
+            scored = self.fetch_scores(
+                self.submit_scores([f.prompt_text for f in rows], self._decode(r), rows)
+            )
+            first_scores = first_scores or scored
+            groups = scored.values.view(-1, n)
+            signal = (groups.amax(1) != groups.amin(1)).tolist()
+            for g, informative in enumerate(signal):
+                picked = list(range(g * n, (g + 1) * n))
+                (kept if informative else dropped).append(
+                    (select_rows(r, picked), scored.select(picked))
+                )
+            have = len(kept)
+            if rounds == 0:
+                informative_frac = sum(signal) / len(signal)
+            if have >= need or rounds == self.cfg.ppo.dynamic_sampling_max_rounds:
+                break
+            rounds += 1
+            g = torch.Generator().manual_seed(self.cfg.data.seed * 7919 + step * 131 + rounds)
+            indices = torch.randperm(len(self.prompts), generator=g)[:need].tolist()
+            engines = self.rollout.world_size
+            batches = [
+                self.collate([self.prompts[i] for i in indices[e::engines]]) for e in range(engines)
+            ]
+            parts = self.rollout.generate(batches, EXTRA_SEED_STEP + 64 * step + rounds)
+        short = max(0, need - have)
+        chosen = (kept + dropped[:short])[:need]
+        batch = merge_rollouts([c[0] for c in chosen], self.tokenizer.pad_token_id)
+        scores = Scores.cat([c[1] for c in chosen])
+        scores.metrics = dict(first_scores.metrics)
+        return (
+            batch,
+            scores,
+            {
+                "dynamic_sampling/extra_rounds": float(rounds),
+                "dynamic_sampling/informative_frac": informative_frac,
+                "dynamic_sampling/short_groups": float(short),
+            },
+        )
 
     def _run_sync(self, first: int, logger: MetricsLogger) -> dict[str, float]:
         """roles.rollout.max_staleness=0: every batch comes from the current weights."""
@@ -563,9 +660,19 @@ class OnlineRun:
         pending = self.start_rollout(first) if first < plan.total_steps else None
         for step in range(first, plan.total_steps):
             done, evaluates, saves, faults = self._boundaries(step)
-            rollout = self.collect_rollout(pending[0])
+            if self.cfg.ppo.dynamic_sampling:
+                rollout, scored, extra = self.fill_batch(step, pending[0])
+                forwards = self.submit_forwards([ray.put(rollout)])
+            else:
+                rollout, forwards, scored, extra = (
+                    self.collect_rollout(pending[0]),
+                    pending[1],
+                    None,
+                    {},
+                )
             t1 = time.perf_counter()
-            exp, metrics = self.make_experience(rollout, pending[1])
+            exp, metrics = self.make_experience(rollout, forwards, scored)
+            metrics.update(extra)
             t2 = time.perf_counter()
             # Queued back to back: the updates, the weight sync behind them on the policy,
             # and (when nothing runs between the steps) the next rollout behind the sync on
@@ -705,6 +812,8 @@ class OnlineRun:
         return {name: group.peak_rss_mb() for name, group in self.groups().items()}
 
     def shutdown(self) -> None:
+        if self.scorer is not None:
+            self.scorer.close()
         for group in self.groups().values():
             group.shutdown()
         if getattr(self, "placement", None) is not None:

@@ -219,6 +219,18 @@ def shape_scores(
     return scores
 
 
+def overlong_penalty(
+    lengths: torch.Tensor, max_length: int, buffer: int, penalty: float = 1.0
+) -> torch.Tensor:
+    """DAPO's soft overlong punishment (Yu et al. 2025, eq. 13), added to the reward: 0 up to
+    max_length - buffer tokens, then falling linearly to -penalty at max_length (and below it
+    beyond). lengths [B] -> [B] float32."""
+    if not 0 < buffer <= max_length:
+        raise ValueError(f"overlong buffer must be in [1, {max_length}], got {buffer}")
+    free = max_length - buffer
+    return ((free - lengths.float()) / buffer).clamp(min=-1.0, max=0.0) * penalty
+
+
 def explained_variance(
     values: torch.Tensor, returns: torch.Tensor, response_mask: torch.Tensor
 ) -> torch.Tensor:

@@ -108,13 +108,24 @@ class DatasetSource(_Section):
     data_dir: str | None = None
     """Sub-folder of a hub dataset (e.g. data/rl for stack-exchange-paired)."""
     preset: (
-        Literal["stack_exchange_paired", "ultrafeedback_binarized", "marc_ja", "imdb"] | None
+        Literal[
+            "stack_exchange_paired",
+            "ultrafeedback_binarized",
+            "marc_ja",
+            "imdb",
+            "gsm8k",
+            "math",
+            "deepscaler",
+        ]
+        | None
     ) = None
-    """Column mapping for a known dataset schema."""
+    """Column mapping for a known dataset schema (gsm8k, math: MATH and MATH-500, deepscaler:
+    problem/answer sets give prompts carrying their `answer`)."""
     columns: dict[str, str] = {}
     """Rename columns before validation: {their_name: our_name}."""
     ignore_columns: list[str] = []
-    """Columns to drop before validation (any other unknown column quarantines the row)."""
+    """Columns to drop before validation (any other unknown column quarantines the row; prompt
+    rows keep theirs as fields for the reward)."""
     limit: int | None = Field(None, gt=0)
     """Read at most this many rows."""
 
@@ -209,7 +220,55 @@ class ORPOConfig(_Section):
     model_config = ConfigDict(populate_by_name=True)
 
 
+#: ppo.preset -> the settings it fills (keys the ppo section sets itself win).
+PPO_PRESETS: dict[str, dict[str, Any]] = {
+    # Yu et al. 2025 (DAPO, §3): clip-higher (ε_low 0.2, ε_high 0.28), token-level loss,
+    # dynamic sampling, soft overlong punishment, no KL term.
+    "dapo": {
+        "estimator": "grpo",
+        "clip_eps": 0.2,
+        "clip_eps_high": 0.28,
+        "aggregation": "token_mean",
+        "dynamic_sampling": True,
+        "overlong_buffer": "auto",
+        "kl_coef": 0.0,
+    },
+    # Liu et al. 2025 (Dr. GRPO, §3.1): no std scaling of the group advantage, and no
+    # per-response length normalisation (a constant normaliser instead).
+    "dr_grpo": {
+        "estimator": "grpo",
+        "scale_rewards": "none",
+        "aggregation": "seq_mean_token_sum_norm",
+    },
+    # Zheng et al. 2025 (GSPO, §5.1): the sequence ratio, clipped to [1 - 3e-4, 1 + 4e-4],
+    # averaged per response.
+    "gspo": {
+        "estimator": "grpo",
+        "policy_loss": "gspo",
+        "clip_eps": 3e-4,
+        "clip_eps_high": 4e-4,
+        "aggregation": "seq_mean_token_mean",
+    },
+}
+
+
 class PPOConfig(_Section):
+    @model_validator(mode="before")
+    @classmethod
+    def _apply_preset(cls, data: Any) -> Any:
+        """PPOConfig(preset=...) built directly (load_config applies it before the defaults)."""
+        if isinstance(data, dict) and data.get("preset") in PPO_PRESETS:
+            return {**PPO_PRESETS[data["preset"]], **data}
+        return data
+
+    @model_validator(mode="after")
+    def _check_loss(self) -> PPOConfig:
+        if self.dual_clip is not None and self.policy_loss == "cispo":
+            raise ValueError(
+                "ppo.dual_clip bounds the clipped surrogate: not with policy_loss cispo"
+            )
+        return self
+
     estimator: Literal["gae", "grpo", "rloo", "reinforce_pp"] = "gae"
     """Advantage estimator; only gae uses a critic."""
     ppo_epochs: int = Field(1, gt=0)
@@ -240,8 +299,40 @@ class PPOConfig(_Section):
     """Per-token KL estimator (in the reward or the loss: kl_penalty)."""
     kl_penalty: Literal["reward", "loss"] = "reward"
     """Where β·KL(π || π_ref) goes. reward: -β·KL per token is added to the rewards before the advantages (RLHF PPO, Ziegler et al. 2019). loss: β·KL per token is added to the policy loss, aggregated like it (GRPO, Shao et al. 2024; TRL's GRPOTrainer; usually with kl_estimator k3)."""
-    aggregation: Literal["token_mean", "seq_mean", "seq_mean_token_sum"] = "token_mean"
-    """Loss aggregation over tokens."""
+    aggregation: Literal[
+        "token_mean",
+        "seq_mean",
+        "seq_mean_token_mean",
+        "seq_mean_token_sum",
+        "seq_mean_token_sum_norm",
+    ] = "token_mean"
+    """Loss aggregation over tokens: token_mean (all counted tokens of the micro-batch alike;
+    DAPO), seq_mean_token_mean (= seq_mean: each response's mean, then the mean over responses;
+    GRPO), seq_mean_token_sum, seq_mean_token_sum_norm (the token sum over B × norm_length, a
+    constant: Dr. GRPO)."""
+    norm_length: int | None = Field(None, gt=0)
+    """The constant of seq_mean_token_sum_norm; null = roles.rollout.max_new_tokens."""
+    policy_loss: Literal["ppo", "gspo", "cispo"] = "ppo"
+    """The surrogate: ppo (clipped token ratio; with clip_eps_high, DAPO's clip-higher), gspo
+    (the clip on each response's length-normalised sequence ratio; Zheng et al. 2025), cispo
+    (REINFORCE weighted by the clipped, stop-gradient token ratio; MiniMax-M1 2025)."""
+    preset: Literal["dapo", "dr_grpo", "gspo"] | None = None
+    """Published combinations, filling the keys this section does not set itself (see
+    PPO_PRESETS in rlhf/config.py): dapo, dr_grpo, gspo."""
+    dynamic_sampling: bool = False
+    """DAPO's dynamic sampling: groups whose rewards are all equal carry no gradient signal;
+    they are dropped and more prompts sampled until the batch is full (synchronous loop)."""
+    dynamic_sampling_max_rounds: int = Field(3, ge=1)
+    """Extra generation rounds per step at most; a batch still short is filled with dropped
+    groups (dynamic_sampling/short_groups)."""
+    overlong_buffer: int | Literal["auto"] | None = None
+    """DAPO's soft overlong punishment (Yu et al. 2025, eq. 13): a response longer than
+    max_new_tokens − L loses up to overlong_penalty linearly over the last L tokens (L = this;
+    auto = a fifth of roles.rollout.max_new_tokens). null = off."""
+    overlong_penalty: float = Field(1.0, ge=0)
+    """The penalty of a response that reaches max_new_tokens (overlong_buffer)."""
+    mask_truncated: bool = False
+    """Leave responses cut at max_new_tokens (no EOS) out of the loss (DAPO's overlong filtering)."""
     whiten_advantages: bool | None = None
     """Whiten advantages over the batch; null = true for gae, false for grpo and rloo (their
     group baseline already centres each prompt's samples, and a batch-wide shift would give
@@ -295,13 +386,63 @@ class ReferenceConfig(_Section):
     """Placement of the reference ranks."""
 
 
+class VerifierConfig(_Section):
+    kind: Literal["math", "exact", "regex", "format", "code"]
+    """math: the extracted final answer is mathematically equal to the row's ground truth
+    (math-verify); exact: equal as text (whitespace and case folded); regex: `pattern` found in
+    the response; format: the whole response matches `pattern` (default: <think>…</think>
+    <answer>…</answer>); code: the response's last code block, then the row's tests, run in a
+    sandboxed subprocess (exit 0 = pass)."""
+    weight: float = 1.0
+    """Its weight in the reward (a weighted sum over the verifiers)."""
+    field: str | None = None
+    """The row's ground-truth field; null = `answer` (math, exact) or `tests` (code)."""
+    extract: Literal["auto", "boxed", "last_number", "answer_tag", "none"] = "auto"
+    """How math/exact find the final answer: the last \\boxed{}, the last number, the last
+    <answer> tag, auto (the first of those found), none (the whole response)."""
+    pattern: str | None = None
+    """The regular expression of regex (required) and format (optional)."""
+    timeout_s: float = Field(5.0, gt=0)
+    """Per response: math-verify's parse/verify bound, code's wall clock (and CPU) limit."""
+    memory_mb: int = Field(512, ge=64)
+    """code: the program's address-space limit."""
+
+    @property
+    def ground_truth(self) -> str | None:
+        """The row field this verifier reads (None for regex and format)."""
+        if self.kind in ("regex", "format"):
+            return self.field
+        return self.field or ("tests" if self.kind == "code" else "answer")
+
+    @model_validator(mode="after")
+    def _check(self) -> VerifierConfig:
+        if self.kind == "regex" and not self.pattern:
+            raise ValueError("a regex verifier needs `pattern`")
+        if self.pattern is not None:
+            try:
+                re.compile(self.pattern)
+            except re.error as err:
+                raise ValueError(
+                    f"pattern {self.pattern!r} is not a regular expression: {err}"
+                ) from None
+        return self
+
+
 class RewardConfig(_Section):
-    type: Literal["none", "model", "function", "http"] = "none"
-    """Reward source for online RL."""
+    type: Literal["none", "model", "function", "http", "verifiable"] = "none"
+    """Reward source for online RL. verifiable: `verifiers` check each response against the
+    ground truth of its prompt row."""
+    verifiers: list[VerifierConfig] = []
+    """type verifiable: the checks, summed with their weights; the first one decides whether a
+    sample is correct (pass@k)."""
+    workers: int = Field(2, ge=0)
+    """type verifiable: processes verifying in parallel (0 = in the scoring process)."""
     model: ModelConfig | None = None
     """Sequence-classifier checkpoint (type: model)."""
     function: str | None = None
-    """'module:function' taking (prompts, responses) and returning floats (type: function)."""
+    """'module:function' taking (prompts, responses) and returning floats (type: function); the
+    prompt rows' extra fields it names as parameters (e.g. `answer`) come as keyword lists, all
+    of them if it takes **kwargs."""
     url: str | None = None
     """Endpoint taking JSON {prompts, responses} and returning {rewards} (type: http)."""
     token_env: str | None = None
@@ -325,13 +466,14 @@ class RewardConfig(_Section):
     run_in: Literal["auto", "actor", "driver"] = "auto"
     """Where scoring runs: `actor` (a reward actor, with `resources`) or `driver` (in the
     coordinator, no Ray call per step; not for `type: model`). `auto` = driver for a function
-    on no GPU, else actor."""
+    or verifiers on no GPU, else actor."""
 
     @property
     def in_driver(self) -> bool:
         """Scores are computed in the coordinator's process, without a reward actor."""
         if self.run_in == "auto":
-            return self.type == "function" and self.resources.gpus_per_rank == 0
+            cpu = self.resources.gpus_per_rank == 0
+            return self.type in ("function", "verifiable") and cpu
         return self.run_in == "driver"
 
     @model_validator(mode="after")
@@ -339,6 +481,12 @@ class RewardConfig(_Section):
         need = {"model": "model", "function": "function", "http": "url"}.get(self.type)
         if need and getattr(self, need) is None:
             raise ValueError(f"reward.type={self.type} needs reward.{need}")
+        if (self.type == "verifiable") != bool(self.verifiers):
+            raise ValueError(
+                "reward.type=verifiable needs reward.verifiers (e.g. [{kind: math}])"
+                if self.verifiers == []
+                else f"reward.verifiers are used by type verifiable only (type is {self.type})"
+            )
         if self.run_in == "driver" and self.type == "model":
             raise ValueError(
                 "reward.run_in=driver: a reward model runs in an actor (its own resources); "
@@ -662,6 +810,14 @@ def _combination_problems(cfg: RunConfig):
             "against the engine's log-probs, but ppo.old_logps=rollout makes π_old the engine's "
             "own (every weight would be 1): set ppo.old_logps=recompute"
         )
+    if algo == "ppo" and cfg.ppo.dynamic_sampling:
+        if roles.rollout.max_staleness:
+            yield (
+                "ppo.dynamic_sampling draws extra prompts until the batch is full, in the "
+                "synchronous loop: set roles.rollout.max_staleness=0 (or dynamic_sampling false)"
+            )
+        if roles.rollout.n_samples_per_prompt < 2:
+            yield "ppo.dynamic_sampling drops groups of equal rewards: set roles.rollout.n_samples_per_prompt >= 2"
     if algo == "ppo" and roles.rollout.hybrid and roles.rollout.max_staleness:
         yield (
             f"roles.rollout.max_staleness={roles.rollout.max_staleness} needs separate rollout "
@@ -769,6 +925,10 @@ def build_config(raw: dict, source: str = "config") -> RunConfig:
 
     The dict is laid over the defaults first, so that `data.train.limit=16` keeps the default
     `data.train.path` instead of replacing the whole section."""
+    ppo = raw.get("ppo")
+    if isinstance(ppo, dict) and ppo.get("preset") in PPO_PRESETS:
+        # Before the defaults: the preset fills what the ppo section does not set itself.
+        raw = {**raw, "ppo": {**PPO_PRESETS[ppo["preset"]], **ppo}}
     try:
         return RunConfig.model_validate(_merge(_defaults(), raw))
     except ValidationError as err:

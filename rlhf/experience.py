@@ -19,6 +19,7 @@ from rlhf.advantages import (
     gae,
     grpo_advantages,
     kl_shaped_rewards,
+    overlong_penalty,
     reinforce_pp_advantages,
     rloo_advantages,
     shape_scores,
@@ -104,6 +105,14 @@ def compute_advantages(
     p, rc = cfg.ppo, cfg.roles.reward
     n = cfg.roles.rollout.n_samples_per_prompt
     mask = action_mask.bool()
+    extra = {}
+    raw = scores
+    if p.overlong_buffer is not None:
+        limit = cfg.roles.rollout.max_new_tokens
+        buffer = limit // 5 if p.overlong_buffer == "auto" else p.overlong_buffer
+        penalty = overlong_penalty(mask.sum(-1), limit, buffer, p.overlong_penalty)
+        scores = scores.float() + penalty
+        extra["reward/overlong_penalty"] = penalty.mean().item()
     shaped = shape_scores(
         scores,
         baseline=rc.baseline,
@@ -118,8 +127,9 @@ def compute_advantages(
     if whitens(p):
         adv = masked_whiten(adv, mask)
     metrics = {
-        "reward/mean": scores.float().mean().item(),
-        "reward/std": scores.float().std().item() if scores.numel() > 1 else 0.0,
+        **extra,
+        "reward/mean": raw.float().mean().item(),
+        "reward/std": raw.float().std().item() if raw.numel() > 1 else 0.0,
         "reward/shaped_mean": shaped.mean().item(),
         "kl/seq": (kl * mask).sum(-1).mean().item(),
         "kl/coef": kl_coef,

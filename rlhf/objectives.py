@@ -259,6 +259,8 @@ def ppo_policy_objective(
         old,
         exp.advantages,
         counted,
+        kind=p.policy_loss,
+        norm_length=p.norm_length,
         clip_eps=p.clip_eps,
         clip_eps_high=p.clip_eps_high,
         dual_clip=p.dual_clip,
@@ -273,7 +275,11 @@ def ppo_policy_objective(
             acting, entropy_from_logits(logits[:, :-1][acting[:, start:]])
         )
         bonus, entropy_metrics = entropy_loss(
-            entropy, exp.action_mask, coef=p.entropy_coef, aggregation=p.aggregation
+            entropy,
+            exp.action_mask,
+            coef=p.entropy_coef,
+            aggregation=p.aggregation,
+            norm_length=p.norm_length,
         )
     metrics.update(entropy_metrics)
     if exp.old_logps is None and exp.rollout_logps is not None:
@@ -288,6 +294,7 @@ def ppo_policy_objective(
             coef=ref.coef,
             estimator=p.kl_estimator,
             aggregation=p.aggregation,
+            norm_length=p.norm_length,
         )
         loss = loss + kl
         metrics.update(kl_metrics)
@@ -306,6 +313,7 @@ def ppo_value_objective(
         exp.action_mask,
         clip_range=p.value_clip,
         aggregation=p.aggregation,
+        norm_length=p.norm_length,
     )
     return p.vf_coef * loss, metrics
 
@@ -344,6 +352,10 @@ def objective_for(cfg: RunConfig, role: str = "policy") -> Objective:
     else:
         key = f"rm/{cfg.data_format}" if cfg.algorithm == "rm" else cfg.algorithm
     fn, section = OBJECTIVES[key]
+    if section == "ppo" and cfg.ppo.norm_length is None:
+        # seq_mean_token_sum_norm's constant defaults to the longest response the run samples.
+        norm = cfg.roles.rollout.max_new_tokens
+        return Objective(fn, cfg.ppo.model_copy(update={"norm_length": norm}))
     return Objective(fn, getattr(cfg, section))
 
 

@@ -11,7 +11,13 @@ from typing import Literal
 import torch
 import torch.nn.functional as F
 
-Aggregation = Literal["token_mean", "seq_mean", "seq_mean_token_sum"]
+Aggregation = Literal[
+    "token_mean",
+    "seq_mean",
+    "seq_mean_token_mean",
+    "seq_mean_token_sum",
+    "seq_mean_token_sum_norm",
+]
 
 
 def logprobs_from_logits(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
@@ -76,25 +82,37 @@ def masked_whiten(
 
 
 def aggregate(
-    loss: torch.Tensor, mask: torch.Tensor, mode: Aggregation = "token_mean"
+    loss: torch.Tensor,
+    mask: torch.Tensor,
+    mode: Aggregation = "token_mean",
+    norm_length: int | None = None,
 ) -> torch.Tensor:
     """Reduce a per-token loss [B, T] to a scalar.
 
-    token_mean:          sum over every counted token / number of counted tokens (long
-                         responses weigh more; DAPO's choice).
-    seq_mean:            mean over sequences of each sequence's token mean (PPO/GRPO paper form).
-    seq_mean_token_sum:  mean over sequences of each sequence's token sum.
-    Sequences with no counted token are left out of the seq_* means.
+    token_mean:               sum over every counted token / number of counted tokens (long
+                              responses weigh more; DAPO, Yu et al. 2025, eq. 8).
+    seq_mean_token_mean:      mean over sequences of each sequence's token mean (PPO/GRPO paper
+                              form, Shao et al. 2024, eq. 3); `seq_mean` is the same.
+    seq_mean_token_sum:       mean over sequences of each sequence's token sum.
+    seq_mean_token_sum_norm:  sum over every counted token / (B × norm_length), a constant
+                              normaliser (Dr. GRPO, Liu et al. 2025, eq. 5: no length bias).
+    Sequences with no counted token are left out of the seq_mean_* means; the _norm mode counts
+    every row (its normaliser does not depend on the batch's masks).
     """
     if mode == "token_mean":
         return masked_mean(loss, mask)
+    if mode == "seq_mean_token_sum_norm":
+        if not norm_length:
+            raise ValueError("aggregation seq_mean_token_sum_norm needs norm_length (max tokens)")
+        return masked_sum(loss, mask) / (loss.shape[0] * norm_length)
     has_tokens = mask.any(dim=-1)
     per_seq = masked_sum(loss, mask, dim=-1)
-    if mode == "seq_mean":
+    if mode in ("seq_mean", "seq_mean_token_mean"):
         per_seq = per_seq / mask.float().sum(-1).clamp(min=1)
     elif mode != "seq_mean_token_sum":
         raise ValueError(
-            f"unknown aggregation {mode!r}: use token_mean, seq_mean or seq_mean_token_sum"
+            f"unknown aggregation {mode!r}: use token_mean, seq_mean_token_mean (seq_mean), "
+            "seq_mean_token_sum or seq_mean_token_sum_norm"
         )
     return masked_mean(per_seq, has_tokens)
 

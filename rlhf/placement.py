@@ -89,7 +89,8 @@ class PlacementError(ConfigError):
 #: Well-known hub models whose config.json is not on disk (offline CI): architecture fields
 #: for `AutoConfig.for_model`, instantiated on the meta device and counted like a local one.
 #: Counts: Llama-2-7b 6.74e9, Mistral-7B 7.24e9, open-calm-7b 6.87e9 (card: 6.8B),
-#: open-calm-small 0.165e9 (card: 160M), gpt2 124.4e6, distilbert 67.0e6, SmolLM2-135M 134.5e6.
+#: open-calm-small 0.165e9 (card: 160M), gpt2 124.4e6, distilbert 67.0e6, SmolLM2-135M 134.5e6,
+#: Qwen2.5-Math-1.5B 1.54e9 (card: 1.54B).
 _LLAMA2_7B = {
     "model_type": "llama",
     "vocab_size": 32000,
@@ -118,7 +119,19 @@ _SMOLLM2_135M = {
     "num_key_value_heads": 3,
     "tie_word_embeddings": True,
 }
+_QWEN25_MATH_1_5B = {
+    "model_type": "qwen2",
+    "vocab_size": 151936,
+    "hidden_size": 1536,
+    "intermediate_size": 8960,
+    "num_hidden_layers": 28,
+    "num_attention_heads": 12,
+    "num_key_value_heads": 2,
+    "max_position_embeddings": 4096,
+    "tie_word_embeddings": True,
+}
 KNOWN_MODELS: dict[str, dict] = {
+    "Qwen/Qwen2.5-Math-1.5B": _QWEN25_MATH_1_5B,
     "meta-llama/Llama-2-7b-hf": _LLAMA2_7B,
     "meta-llama/Llama-2-7b-chat-hf": _LLAMA2_7B,
     "mistralai/Mistral-7B-v0.1": _MISTRAL_7B,

@@ -60,6 +60,20 @@ def merge_rollouts(parts: list[Rollout], pad_id: int) -> Rollout:
     )
 
 
+def select_rows(r: Rollout, rows: list[int]) -> Rollout:
+    """The rollout's rows `rows`, in that order (widths unchanged)."""
+    index = torch.tensor(rows, dtype=torch.long)
+    return Rollout(
+        r.prompt_ids[index],
+        r.prompt_mask[index],
+        r.response_ids[index],
+        r.response_mask[index],
+        r.logps[index],
+        [r.finish[i] for i in rows],
+        r.prompt_index[index],
+    )
+
+
 def sequences(r: Rollout) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(input_ids, attention_mask) [B, T] and the action mask [B, T-1] of a rollout."""
     ids = torch.cat([r.prompt_ids, r.response_ids], dim=1)

@@ -27,3 +27,12 @@ def positive_words(prompts, responses):
         words = [w.strip(".,!?").lower() for w in r.split()]
         out.append(float(sum(w in _POSITIVE for w in words) - sum(w in _NEGATIVE for w in words)))
     return out
+
+
+def by_kind(prompts, responses, kind):
+    """Reads the prompt row's `kind` field: 'flat' rows score 0 whatever the response (a group
+    with no signal), 'varied' rows a number that differs between responses."""
+    return [
+        0.0 if k == "flat" else float(sum(map(ord, r)) % 7)
+        for r, k in zip(responses, kind, strict=True)
+    ]

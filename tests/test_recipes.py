@@ -30,6 +30,8 @@ TWINS = {
     "gpt2-imdb-ppo/ppo.yaml": "gpt2-imdb-ppo/cpu.yaml",
     "distilbert-imdb-lora-rm/rm.yaml": "distilbert-imdb-lora-rm/cpu.yaml",
     "distilbert-imdb-lora-rm/pipeline.yaml": "distilbert-imdb-lora-rm/cpu-pipeline.yaml",
+    "qwen2.5-math-1.5b-rlvr/grpo.yaml": "qwen2.5-math-1.5b-rlvr/cpu.yaml",
+    "qwen2.5-math-1.5b-rlvr/dapo.yaml": "qwen2.5-math-1.5b-rlvr/cpu-dapo.yaml",
 }
 
 
@@ -51,6 +53,7 @@ def test_every_recipe_is_covered():
         "mistral-7b-orpo",
         "gpt2-imdb-ppo",
         "distilbert-imdb-lora-rm",
+        "qwen2.5-math-1.5b-rlvr",
     }
     twinned = {ROOT / "configs" / "recipes" / k for k in TWINS}
     # Every recipe directory has a twin; single-stage files of a pipeline run through it.
@@ -276,3 +279,37 @@ def test_twin_lora_classifier_as_reward_model(tmp_path):
     cfg = load_config(out / "ppo" / "config.yaml")
     assert cfg.roles.reward.model.name_or_path == str(out / "rm" / "final")
     assert any("reward/mean" in r for r in metrics(out / "ppo"))
+
+
+@pytest.mark.slow
+def test_twin_rlvr_grpo_on_gsm8k(tmp_path):
+    out = tmp_path / "grpo"
+    twin("qwen2.5-math-1.5b-rlvr/grpo.yaml", out)
+    rows = metrics(out)
+    train = [r for r in rows if "reward/mean" in r]
+    assert len(train) == 2 and all("reward/math" in r and "timing/reward" in r for r in train)
+    assert {"eval/pass@1", "eval/pass@2", "eval/mean@2"} <= set(rows[-1])
+    samples = [json.loads(x) for x in (out / "eval_samples.jsonl").read_text().splitlines()]
+    # 4 held-out problems x 2 samples, before and after, each with its verdict
+    assert len(samples) == 16 and {s["step"] for s in samples} == {0, 2}
+    assert all(set(s) >= {"prompt", "fields", "response", "correct", "reason"} for s in samples)
+    assert samples[0]["fields"]["answer"] == "71"
+
+
+@pytest.mark.slow
+def test_twin_rlvr_dapo_on_math_stops_dynamic_sampling_at_its_bound(tmp_path):
+    out = tmp_path / "dapo"
+    twin("qwen2.5-math-1.5b-rlvr/dapo.yaml", out)
+    train = [r for r in metrics(out) if "reward/mean" in r]
+    assert len(train) == 2
+    for r in train:
+        # the tiny model never answers right: no group has a signal, one extra round each
+        # step (the twin's bound), then the batch is filled with the dropped groups
+        assert r["dynamic_sampling/informative_frac"] == 0.0
+        assert r["dynamic_sampling/extra_rounds"] == 1.0
+        assert r["dynamic_sampling/short_groups"] == 2.0
+        assert r["advantages/mean"] == 0.0 and r["policy/loss"] == 0.0
+        # the soft overlong penalty (the last 3 of 16 tokens) is added to the reward
+        assert -1.0 <= r["reward/overlong_penalty"] <= 0.0
+        shaped = r["reward/mean"] + r["reward/overlong_penalty"]
+        assert r["reward/shaped_mean"] == pytest.approx(shaped, abs=1e-6)

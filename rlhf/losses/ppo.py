@@ -6,6 +6,8 @@ tokens that count; the reduction is chosen by `aggregation` (see rlhf.ops.aggreg
 
 from __future__ import annotations
 
+from typing import Literal
+
 import torch
 
 from rlhf.kl import KLEstimator, kl_estimate
@@ -14,49 +16,82 @@ from rlhf.ops import Aggregation, aggregate, masked_mean
 Metrics = dict[str, torch.Tensor]
 
 
+#: ppo.policy_loss: the surrogate a policy update minimises.
+PolicyLoss = Literal["ppo", "gspo", "cispo"]
+
+
 def policy_loss(
     logps: torch.Tensor,
     old_logps: torch.Tensor,
     advantages: torch.Tensor,
     response_mask: torch.Tensor,
     *,
+    kind: PolicyLoss = "ppo",
     clip_eps: float = 0.2,
     clip_eps_high: float | None = None,
     dual_clip: float | None = None,
     aggregation: Aggregation = "token_mean",
+    norm_length: int | None = None,
     is_weights: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, Metrics]:
-    """Clipped surrogate, Schulman et al. 2017 eq. 7, as a loss to minimise.
+    """The policy surrogate as a loss to minimise, per token then aggregated.
 
-    L = max(-A ρ, -A clip(ρ, 1-ε, 1+ε_high)), ρ = exp(log π - log π_old). `clip_eps_high`
-    allows the asymmetric clip of DAPO (defaults to ε). `dual_clip` = c > 1 bounds the loss
-    for negative advantages by -c A (Ye et al. 2020, eq. 5). `is_weights` (constants, see
-    off_policy_weights) multiply each token's loss before the aggregation.
+    ppo: the clipped surrogate, Schulman et al. 2017 eq. 7: max(-A ρ, -A clip(ρ, 1-ε, 1+ε_high)),
+    ρ = exp(log π - log π_old). `clip_eps_high` is DAPO's clip-higher (Yu et al. 2025, eq. 10;
+    defaults to ε). `dual_clip` = c > 1 bounds the loss of negative advantages by -c A (Ye et
+    al. 2020, eq. 5).
+
+    gspo: the same clip on the sequence's length-normalised ratio s_i = exp(mean_t log ρ_t)
+    (Zheng et al. 2025, "Group Sequence Policy Optimization", eq. 7), written in its GSPO-token
+    form (eqs. 13-14): s_i,t = sg[s_i] · π_t / sg[π_t] has the value s_i at every token and the
+    gradient s_i ∇log π_t, so with seq_mean_token_mean aggregation and sequence-level advantages
+    it is GSPO exactly.
+
+    cispo: REINFORCE with a clipped, stop-gradient IS weight, -sg(clip(ρ, 1-ε, 1+ε_high)) A log π
+    (MiniMax-M1, Chen et al. 2025, eq. 4): no token's gradient is dropped by the clip, only
+    its weight bounded (ε >= 1 leaves no lower bound, as the paper).
+
+    `is_weights` (constants, see off_policy_weights) multiply each token's loss before the
+    aggregation; `norm_length` is seq_mean_token_sum_norm's constant.
     """
     high = clip_eps if clip_eps_high is None else clip_eps_high
-    log_ratio = (logps.float() - old_logps.float()).clamp(-20.0, 20.0)
-    ratio = torch.exp(log_ratio)
-    advantages = advantages.float()
-    unclipped = -advantages * ratio
-    clipped = -advantages * ratio.clamp(1 - clip_eps, 1 + high)
-    loss = torch.maximum(unclipped, clipped)
     mask = response_mask.bool()
+    logps = logps.float()
+    log_ratio = (logps - old_logps.float()).clamp(-20.0, 20.0)
+    advantages = advantages.float()
     metrics: Metrics = {
-        "policy/clipfrac": masked_mean((clipped > unclipped).float(), mask),
         # k2-style estimate of KL(π_old || π) over the sampled tokens.
         "policy/approx_kl": masked_mean(0.5 * log_ratio.detach() ** 2, mask),
-        "policy/ratio": masked_mean(ratio.detach(), mask),
+        "policy/ratio": masked_mean(torch.exp(log_ratio.detach()), mask),
     }
+    if kind == "gspo":
+        seq_log = masked_mean(log_ratio, mask, dim=-1).detach()  # [B]: log s_i
+        metrics["policy/seq_ratio"] = masked_mean(torch.exp(seq_log), mask.any(-1))
+        log_ratio = seq_log.unsqueeze(1) + logps - logps.detach()
+    ratio = torch.exp(log_ratio)
+    if kind == "cispo":
+        weight = ratio.detach().clamp(1 - clip_eps, 1 + high)
+        loss = -weight * advantages * logps
+        metrics["policy/clipfrac"] = masked_mean((weight != ratio.detach()).float(), mask)
+    elif kind in ("ppo", "gspo"):
+        unclipped = -advantages * ratio
+        clipped = -advantages * ratio.clamp(1 - clip_eps, 1 + high)
+        loss = torch.maximum(unclipped, clipped)
+        metrics["policy/clipfrac"] = masked_mean((clipped > unclipped).float(), mask)
+    else:
+        raise ValueError(f"unknown policy loss {kind!r}: use ppo, gspo or cispo")
     if dual_clip is not None:
         if dual_clip <= 1.0:
             raise ValueError(f"dual_clip must be > 1, got {dual_clip}")
+        if kind == "cispo":
+            raise ValueError("dual_clip bounds the clipped surrogate: not with cispo")
         bound = -advantages * dual_clip
         dual = (advantages < 0) & (loss > bound)
         loss = torch.where(advantages < 0, torch.minimum(loss, bound), loss)
         metrics["policy/dual_clipfrac"] = masked_mean(dual.float(), mask)
     if is_weights is not None:
         loss = loss * is_weights.detach().float()
-    loss = aggregate(loss, mask, aggregation)
+    loss = aggregate(loss, mask, aggregation, norm_length)
     metrics["policy/loss"] = loss.detach()
     return loss, metrics
 
@@ -109,6 +144,7 @@ def value_loss(
     *,
     clip_range: float | None = 0.2,
     aggregation: Aggregation = "token_mean",
+    norm_length: int | None = None,
 ) -> tuple[torch.Tensor, Metrics]:
     """Clipped value loss, 0.5 max((V - R)², (V_clip - R)²), V_clip = V_old + clip(V - V_old, ±c)
     (the PPO2 baseline implementation; Huang et al. 2022, "37 implementation details" #9).
@@ -126,7 +162,7 @@ def value_loss(
         clipped = (clipped_values - returns) ** 2
         per_token = torch.maximum(unclipped, clipped)
         metrics["value/clipfrac"] = masked_mean((clipped > unclipped).float(), mask)
-    loss = 0.5 * aggregate(per_token, mask, aggregation)
+    loss = 0.5 * aggregate(per_token, mask, aggregation, norm_length)
     metrics["value/loss"] = loss.detach()
     metrics["value/mean"] = masked_mean(values.detach(), mask)
     return loss, metrics
@@ -140,6 +176,7 @@ def kl_penalty_loss(
     coef: float,
     estimator: KLEstimator = "k3",
     aggregation: Aggregation = "token_mean",
+    norm_length: int | None = None,
 ) -> tuple[torch.Tensor, Metrics]:
     """β × the aggregated per-token KL(π || π_ref) estimate, a loss term (GRPO, Shao et al. 2024,
     eq. 3 with k3, Schulman 2020). Differentiable in `logps`; the reference is a constant.
@@ -153,7 +190,7 @@ def kl_penalty_loss(
         "policy/kl": masked_mean(kl.detach(), mask),
         "policy/kl_seq": kl.detach().sum(-1).mean(),
     }
-    return coef * aggregate(kl, mask, aggregation), metrics
+    return coef * aggregate(kl, mask, aggregation, norm_length), metrics
 
 
 def entropy_loss(
@@ -162,7 +199,8 @@ def entropy_loss(
     *,
     coef: float,
     aggregation: Aggregation = "token_mean",
+    norm_length: int | None = None,
 ) -> tuple[torch.Tensor, Metrics]:
     """Entropy bonus as a loss term: -coef × aggregated entropy (Schulman 2017 eq. 9, c2 S)."""
-    mean_entropy = aggregate(entropy.float(), response_mask.bool(), aggregation)
+    mean_entropy = aggregate(entropy.float(), response_mask.bool(), aggregation, norm_length)
     return -coef * mean_entropy, {"policy/entropy": mean_entropy.detach()}
