@@ -86,7 +86,8 @@ def print_before_after(report: dict) -> None:
 
 
 def plot_metrics(metrics_file: Path, png: Path) -> Path | None:
-    """reward and KL per step (and held-out reward) as a PNG."""
+    """reward and KL per step (and held-out reward; with verifiable rewards held-out pass@1
+    and pass@k) as a PNG."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -97,7 +98,23 @@ def plot_metrics(metrics_file: Path, png: Path) -> Path | None:
     evals = [r for r in rows if "eval/reward/mean" in r]
     if not train:
         return None
-    fig, (top, bottom) = plt.subplots(2, 1, figsize=(7, 6), sharex=True)
+    passes = sorted(
+        {k for r in evals for k in r if k.startswith("eval/pass@")}, key=lambda k: int(k[10:])
+    )
+    panels = 3 if passes else 2
+    fig, axes = plt.subplots(panels, 1, figsize=(7, 3 * panels), sharex=True)
+    top, bottom = axes[0], axes[-1]
+    if passes:  # verifiable rewards: held-out pass@k (Chen et al. 2021's estimator)
+        for key in (passes[0], passes[-1]) if len(passes) > 1 else passes:
+            axes[1].plot(
+                [r["step"] for r in evals if key in r],
+                [r[key] for r in evals if key in r],
+                "o-",
+                label=f"held-out {key[5:]}",
+            )
+        axes[1].set_ylabel("pass@k")
+        axes[1].set_ylim(0, 1)
+        axes[1].legend()
     top.plot(
         [r["step"] for r in train], [r["reward/mean"] for r in train], label="rollout reward (mean)"
     )

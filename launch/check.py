@@ -11,6 +11,7 @@ from pathlib import Path
 
 import torch
 
+from actors.reward import required_fields
 from rlhf.config import RunConfig, dump_config
 from rlhf.data import load_datasets, make_collator
 from rlhf.models import check_run_models, count_parameters, load_model, load_tokenizer
@@ -30,7 +31,9 @@ def run_check(cfg: RunConfig, show_config: bool = False) -> dict[str, float]:
     torch.manual_seed(cfg.train.seed)
     tokenizer = load_tokenizer(cfg.model)
     quarantine = Path(tempfile.mkdtemp(prefix="rlhf-check-"))
-    train, evaluation = load_datasets(cfg.data, cfg.data_format, tokenizer, quarantine)
+    # Online runs: the fields the reward reads are required of every prompt row.
+    required = required_fields(cfg.roles.reward) if cfg.algorithm == "ppo" else ()
+    train, evaluation = load_datasets(cfg.data, cfg.data_format, tokenizer, quarantine, required)
     for ds in (train, evaluation):
         if ds is not None:
             print(f"-- data: {ds.summary()}")

@@ -79,9 +79,21 @@ def extract_answer(text: str, mode: str) -> str | None:
     raise ValueError(f"unknown answer extraction {mode!r}")
 
 
+_UNBOUNDED_WARNED = False
+
+
 def _timeout(seconds: float) -> int | None:
-    """math-verify bounds its parsing with SIGALRM, which works in a main thread only."""
+    """math-verify bounds its parsing with SIGALRM, which works in a main thread only; off it
+    (a verifier called from a thread) the bound is dropped, said once."""
+    global _UNBOUNDED_WARNED
     if threading.current_thread() is not threading.main_thread():
+        if not _UNBOUNDED_WARNED:
+            _UNBOUNDED_WARNED = True
+            print(
+                "verifiers: math runs outside a main thread here, so its timeout_s cannot be "
+                "enforced (SIGALRM); set roles.reward.workers >= 1 to verify in processes",
+                flush=True,
+            )
         return None
     return max(1, round(seconds))
 

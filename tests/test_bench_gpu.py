@@ -104,6 +104,11 @@ def fake_execute(behaviour: dict[str, str]):
                 "rollout/staleness_max": min(s - 1, 1),
                 "timing/idle/policy": 0.05,
                 "timing/idle/rollout": 0.1,
+                **(
+                    {"reward/accuracy": 0.1 * s, "timing/reward": 0.004}
+                    if run.config == gpu.REASONING_CONFIG
+                    else {}
+                ),
             }
             for s in range(1, 6)
         ]
@@ -119,7 +124,14 @@ def fake_execute(behaviour: dict[str, str]):
 def test_rows_and_isolation_of_failures(tmp_path, monkeypatch):
     checks = gpu.plan(gpu.QUICK, 1, tmp_path / "work", have_vllm=False)
     checks = [c for c in checks if c.name != "generation"]
-    behaviour = {"zero2": "ok", "zero3": "crash", "qlora": "nan", "sync-hf": "ok", "async-hf": "ok"}
+    behaviour = {
+        "zero2": "ok",
+        "zero3": "crash",
+        "qlora": "nan",
+        "sync-hf": "ok",
+        "async-hf": "ok",
+        "reasoning-hf": "ok",
+    }
     monkeypatch.setattr(gpu, "execute", fake_execute(behaviour))
     monkeypatch.setattr(gpu, "prepare_assets", lambda model: None)
     args = Namespace(out=tmp_path / "gpu.md", timeout=10, model="smollm2")
@@ -139,6 +151,9 @@ def test_rows_and_isolation_of_failures(tmp_path, monkeypatch):
     late = rows["async k=1 (hf)"]
     assert late[3] == "OK" and "step 0.20 s (mean of 3), staleness max 1" in late[2]
     assert "idle policy 0.05 s, rollout 0.10 s" in late[2]
+    reasoning = rows["reasoning demo (hf)"]
+    assert reasoning[3] == "OK" and "training accuracy 0.10 -> 0.50" in reasoning[2]
+    assert "timing/reward 0.004 s" in reasoning[2]
 
 
 def test_generation_worker_on_cpu(tmp_path):

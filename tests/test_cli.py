@@ -54,6 +54,36 @@ def test_quickstart_config_runs_offline(tmp_path):
     assert (out / "plot.png").exists() and (out / "final" / "model.safetensors").exists()
 
 
+def test_reasoning_quickstart_runs_offline(tmp_path):
+    """`rlhf quickstart --task reasoning`, shrunk to the tiny model and 2 steps: the verifiable
+    reward reads each row's answer; held-out pass@1 and pass@4 before and after; every
+    held-out sample is written with its verdict."""
+    out = tmp_path / "qs"
+    result = rlhf(
+        "quickstart",
+        "--task",
+        "reasoning",
+        f"output_dir={out}",
+        "logging.progress=false",
+        "model.name_or_path=builtin:tiny",
+        "train.max_steps=2",
+        "roles.rollout.max_new_tokens=8",
+        "data.eval.limit=4",
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    saved = yaml.safe_load((out / "config.yaml").read_text())
+    assert saved["roles"]["reward"]["type"] == "verifiable"
+    assert saved["data"]["train"]["path"] == "builtin:arithmetic"
+    rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    evals = [r for r in rows if "eval/pass@1" in r]
+    assert [r["step"] for r in evals] == [0, 2]
+    assert all(0 <= r["eval/pass@1"] <= r["eval/pass@4"] <= 1 for r in evals)
+    assert all("reward/math" in r and "reward/accuracy" in r for r in rows if "reward/mean" in r)
+    samples = [json.loads(x) for x in (out / "eval_samples.jsonl").read_text().splitlines()]
+    assert len(samples) == 2 * 4 * 4 and all("correct" in s and "reason" in s for s in samples)
+    assert "pass@4=" in result.stdout and (out / "plot.png").exists()
+
+
 @pytest.mark.parametrize("name", ["dpo_tiny", "orpo_tiny", "sft_tiny", "rm_tiny"])
 def test_check_quickstart_configs(name, tmp_path):
     result = rlhf("check", f"configs/quickstart/{name}.yaml", f"output_dir={tmp_path}")

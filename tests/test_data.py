@@ -742,3 +742,15 @@ def test_math_presets_on_their_real_schemas(tiny_tokenizer):
         from rlhf.data.presets import gsm8k
 
         gsm8k(bad, "prompt", 0)
+
+
+def test_builtin_arithmetic_splits_are_disjoint_and_carry_answers(tiny_tokenizer):
+    from rlhf.data.arithmetic import problems
+
+    train = load("builtin:arithmetic", "prompt", tiny_tokenizer, split="train", strict=True)
+    test = load("builtin:arithmetic", "prompt", tiny_tokenizer, split="test", strict=True)
+    assert len(train) + len(test) == len(problems()) == 164 and len(test) == 36
+    assert not {f.prompt_text for f in train.features} & {f.prompt_text for f in test.features}
+    for f in train.features + test.features:
+        a, op, b = f.prompt_text.split("?")[0].removeprefix("What is ").split()
+        assert int(f.fields["answer"]) == (int(a) + int(b) if op == "+" else int(a) * int(b))

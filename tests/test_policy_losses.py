@@ -94,54 +94,48 @@ def ref_cispo(logps, old, adv, mask, eps_low, eps_high):
     return total / count
 
 
-@pytest.mark.parametrize(
-    "eps_low, eps_high, spread", [(0.2, 0.2, 0.3), (3e-4, 4e-4, 0.01), (0.1, 0.3, 1.0)]
-)
-def test_gspo_matches_the_sequence_level_reference(eps_low, eps_high, spread):
-    logps, old, adv, mask = inputs(seed=1, spread=spread)
+def against_reference(kind, aggregation, reference, seed, spread, eps_low, eps_high):
+    """Our loss (float32) and the float64 reference on the same inputs, values and gradients
+    compared; returns our metrics and the inputs."""
+    logps, old, adv, mask = inputs(seed=seed, spread=spread)
     mine = logps.clone().float().requires_grad_(True)
     loss, m = policy_loss(
         mine,
         old.float(),
         adv.float().unsqueeze(1) * mask,
         mask,
-        kind="gspo",
+        kind=kind,
         clip_eps=eps_low,
         clip_eps_high=eps_high,
-        aggregation="seq_mean_token_mean",
+        aggregation=aggregation,
     )
     loss.backward()
     ref_in = logps.clone().requires_grad_(True)
-    want = ref_gspo(ref_in, old, adv, mask, eps_low, eps_high)
+    want = reference(ref_in, old, adv, mask, eps_low, eps_high)
     want.backward()
     assert_close(loss, want.item(), rtol=1e-5, atol=1e-6)
-    assert_close(mine.grad, ref_in.grad * mask, rtol=1e-4, atol=1e-6)
+    assert_close(mine.grad, ref_in.grad * mask, rtol=1e-4, atol=1e-7)
+    return m, mine.grad, (logps, old, mask)
+
+
+@pytest.mark.parametrize(
+    "eps_low, eps_high, spread", [(0.2, 0.2, 0.3), (3e-4, 4e-4, 0.01), (0.1, 0.3, 1.0)]
+)
+def test_gspo_matches_the_sequence_level_reference(eps_low, eps_high, spread):
+    m, _, (logps, old, mask) = against_reference(
+        "gspo", "seq_mean_token_mean", ref_gspo, 1, spread, eps_low, eps_high
+    )
     seq = [math.exp(float((logps[i][mask[i]] - old[i][mask[i]]).mean())) for i in range(6)]
     assert m["policy/seq_ratio"].item() == pytest.approx(sum(seq) / 6, rel=1e-5)
 
 
 @pytest.mark.parametrize("eps_low, eps_high", [(0.2, 0.28), (1.0, 4.0), (5.0, 0.1)])
 def test_cispo_matches_the_reference_and_keeps_every_tokens_gradient(eps_low, eps_high):
-    logps, old, adv, mask = inputs(seed=2, spread=0.8)
-    mine = logps.clone().float().requires_grad_(True)
-    loss, m = policy_loss(
-        mine,
-        old.float(),
-        adv.float().unsqueeze(1) * mask,
-        mask,
-        kind="cispo",
-        clip_eps=eps_low,
-        clip_eps_high=eps_high,
-        aggregation="token_mean",
+    m, grad, (logps, old, mask) = against_reference(
+        "cispo", "token_mean", ref_cispo, 2, 0.8, eps_low, eps_high
     )
-    loss.backward()
-    ref_in = logps.clone().requires_grad_(True)
-    want = ref_cispo(ref_in, old, adv, mask, eps_low, eps_high)
-    want.backward()
-    assert_close(loss, want.item(), rtol=1e-5, atol=1e-6)
-    assert_close(mine.grad, ref_in.grad, rtol=1e-4, atol=1e-7)
     # the clip bounds the weight, but no counted token loses its gradient (unlike PPO's clip)
-    assert bool((mine.grad[mask] != 0).all())
+    assert bool((grad[mask] != 0).all())
     ratio = torch.exp(logps - old)[mask]
     clipped = ((ratio < 1 - eps_low) | (ratio > 1 + eps_high)).double().mean().item()
     assert m["policy/clipfrac"].item() == pytest.approx(clipped)

@@ -288,6 +288,8 @@ def test_twin_rlvr_grpo_on_gsm8k(tmp_path):
     rows = metrics(out)
     train = [r for r in rows if "reward/mean" in r]
     assert len(train) == 2 and all("reward/math" in r and "timing/reward" in r for r in train)
+    # the twin verifies in a reward actor, with a pool of 2 spawned processes
+    assert "timing/idle/reward" in train[0]
     assert {"eval/pass@1", "eval/pass@2", "eval/mean@2"} <= set(rows[-1])
     samples = [json.loads(x) for x in (out / "eval_samples.jsonl").read_text().splitlines()]
     # 4 held-out problems x 2 samples, before and after, each with its verdict

@@ -175,3 +175,33 @@ def test_generate_side_by_side_with_rewards(tiny_path, tmp_path, capsys):
     for col in columns.values():
         assert col["rewards"] == pytest.approx(vader_sentiment(got["prompts"], col["responses"]))
     assert columns[str(tiny_path)]["responses"] != columns[str(other)]["responses"]
+
+
+def test_eval_pass_at_k_of_a_verifiable_reward_with_its_samples(tmp_path):
+    """`rlhf eval` on the reasoning quickstart (tiny model): n samples per held-out problem,
+    pass@k from the written verdicts by the combinatorial formula, each sample's reward its
+    verdict (the math verifier gives 1 or 0) and its row's answer beside it."""
+    report, samples = tmp_path / "eval.json", tmp_path / "samples.jsonl"
+    args = [
+        "eval",
+        "launch/quickstart_reasoning.yaml",
+        "model.name_or_path=builtin:tiny",
+        "roles.rollout.max_new_tokens=8",
+        "roles.rollout.eval_samples_per_prompt=3",
+        f"output_dir={tmp_path}/o",
+    ]
+    assert main([*args, "--limit", "4", "--json", str(report), "--samples", str(samples)]) == 0
+    got = json.loads(report.read_text())
+    lines = [json.loads(x) for x in samples.read_text().splitlines()]
+    assert got["rows"] == len(lines) == 12
+    assert {"pass@1", "pass@2", "pass@3", "mean@3"} <= set(got)
+    for s in lines:
+        assert s["reward"] == float(s["correct"]) and s["reason"].startswith("math: ")
+        assert s["fields"]["answer"].lstrip("-").isdigit()
+    by_prompt: dict[str, list[bool]] = {}
+    for s in lines:
+        by_prompt.setdefault(s["prompt"], []).append(s["correct"])
+    assert len(by_prompt) == 4 and all(len(v) == 3 for v in by_prompt.values())
+    for k in (1, 2, 3):
+        want = sum(1 - math.comb(3 - sum(v), k) / math.comb(3, k) for v in by_prompt.values()) / 4
+        assert got[f"pass@{k}"] == pytest.approx(want)

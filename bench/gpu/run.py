@@ -15,6 +15,9 @@ Checks (`--only` takes these names, and may be repeated):
                 timing/rollout, timing/train and tokens/s for context
     async       the same run, HF backend, asynchronous (roles.rollout.max_staleness=1, TIS):
                 step time, staleness and each role's idle time (timing/idle/<role>)
+    reasoning   the reasoning quickstart (`rlhf quickstart --task reasoning`: GRPO with a
+                verifiable reward on builtin:arithmetic, async k=1) on GPU 0, HF backend:
+                step time, training accuracy, timing/reward and idle per role
 
 The training checks are `python -m launch train CONFIG key=value ...` subprocesses, read back
 from the run's summary.json and metrics.jsonl. The generation check builds each backend in a
@@ -60,11 +63,12 @@ ROOT = Path(__file__).resolve().parents[2]
 #: Configs, relative to the repository root (the subprocesses run there).
 DPO_CONFIG = Path("configs/quickstart/dpo_smollm2.yaml")
 ONLINE_CONFIG = Path("launch/quickstart.yaml")
+REASONING_CONFIG = Path("launch/quickstart_reasoning.yaml")
 NO_GPU = "no CUDA GPU: nothing to run; see bench/gpu/README.md"
 RESULT_TAG = "BENCH_GPU_RESULT "
 #: Steps left out of step-time and phase means (summary.json's samples_per_s leaves out 2 too).
 WARMUP = 2
-CHECKS = ("zero2", "zero3", "qlora", "generation", "sync", "async")
+CHECKS = ("zero2", "zero3", "qlora", "generation", "sync", "async", "reasoning")
 #: The async check's overrides on top of the sync check's (HF backend).
 ASYNC = ("roles.rollout.max_staleness=1", "ppo.off_policy_correction=tis")
 #: --model: the name shown in the table and the overrides of every run. builtin:tiny (a
@@ -195,7 +199,11 @@ def plan(p: Profile, gpus: int, work: Path, have_vllm: bool, model: str = "smoll
             c,
             runs=tuple(
                 dataclasses.replace(
-                    r, overrides=(*r.overrides, *(online if r.config == ONLINE_CONFIG else extra))
+                    r,
+                    overrides=(
+                        *r.overrides,
+                        *(online if r.config in (ONLINE_CONFIG, REASONING_CONFIG) else extra),
+                    ),
                 )
                 for r in c.runs
             ),
@@ -281,6 +289,20 @@ def _plan(p: Profile, gpus: int, work: Path, have_vllm: bool, model: str) -> lis
                     (*sync_overrides(work / "async-hf", p.online_steps, "hf"), *ASYNC),
                 ),
             ),
+        )
+    )
+    reasoning = [
+        o
+        for o in sync_overrides(work / "reasoning-hf", p.online_steps, "hf")
+        if "reference" not in o
+    ]
+    checks.append(
+        Check(
+            "reasoning",
+            "reasoning demo (hf)",
+            f"`rlhf quickstart --task reasoning` on {model} (GRPO, verifiable reward, 4 problems "
+            f"x 4 samples, async k=1); policy 0.4 + rollout 0.4 of GPU 0; {p.online_steps} steps",
+            (Run("reasoning-hf", REASONING_CONFIG, tuple(reasoning)),),
         )
     )
     return checks
@@ -556,6 +578,18 @@ def read_async(o: Outcome) -> str:
     )
 
 
+def read_reasoning(o: Outcome) -> str:
+    """The reasoning demo: read_async's step and idle times, and the verifiable reward's
+    training accuracy (first and last step) and scoring time."""
+    rows = [r for r in read_metrics(o.run.out) if "reward/accuracy" in r]
+    line = read_async(o)
+    if not rows:
+        return line
+    accuracy = f"{rows[0]['reward/accuracy']:.2f} -> {rows[-1]['reward/accuracy']:.2f}"
+    reward = _mean(_timed(rows, "timing/reward")) or 0.0
+    return f"{line}; training accuracy {accuracy}; timing/reward {reward:.3f} s"
+
+
 def read_generation(o: Outcome) -> dict:
     lines = [x for x in o.log.read_text(errors="replace").splitlines() if x.startswith(RESULT_TAG)]
     if o.rc != 0 or not lines:
@@ -578,7 +612,9 @@ def run_check(check: Check, work: Path, timeout_s: float) -> tuple[str, str, lis
         if check.name == "generation":
             got = {o.run.worker["backend"]: read_generation(o) for o in outcomes}
             return (*generation_result(got, check.missing), outcomes)
-        reader = {"sync": read_sync, "async": read_async}.get(check.name, read_train)
+        reader = {"sync": read_sync, "async": read_async, "reasoning": read_reasoning}.get(
+            check.name, read_train
+        )
         return reader(outcomes[0]), OK, outcomes
     except RunFailed as err:
         _show_tail(err.outcome.log)

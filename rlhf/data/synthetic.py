@@ -12,6 +12,7 @@ import random
 from collections.abc import Iterator
 from typing import Any
 
+from rlhf.data.arithmetic import arithmetic, arithmetic_preset
 from rlhf.data.quarantine import DataError
 
 _FIRST = [
@@ -144,7 +145,8 @@ def reviews_preset(row: dict[str, Any], fmt: str, index: int) -> dict[str, Any]:
     return {"text": review, "label": int(positive)}
 
 
-BUILTINS = {"reviews": (reviews, reviews_preset)}
+#: builtin:<name> -> (rows of a split, the row mapping per format).
+BUILTINS = {"reviews": (reviews, reviews_preset), "arithmetic": (arithmetic, arithmetic_preset)}
 
 
 def builtin_rows(name: str, split: str) -> Iterator[dict[str, Any]]:
