@@ -258,3 +258,26 @@ def test_overlong_penalty_by_hand():
     for bad in (0, 17):
         with pytest.raises(ValueError, match="overlong buffer"):
             overlong_penalty(lengths, 16, bad)
+
+
+@pytest.mark.parametrize("kind", ["ppo", "gspo", "cispo"])
+def test_a_group_of_identical_rewards_contributes_nothing(kind):
+    """Rewards 0.7 (not exact in binary) for all 4 samples of a group: the GRPO advantage is
+    exactly 0, so the group's loss and its gradient are exactly 0 whatever the ratios."""
+    from rlhf.advantages import broadcast_to_tokens, grpo_advantages
+
+    scores = torch.tensor([0.7, 0.7, 0.7, 0.7, 0.1, 0.9, 0.3, 0.7])
+    adv = grpo_advantages(scores, 4)
+    assert adv[:4].tolist() == [0.0] * 4 and bool((adv[4:] != 0).all())
+    logps, old, _, mask = inputs(B=8, T=5, seed=3, spread=0.6)
+    x = logps.float().requires_grad_(True)
+    loss, _ = policy_loss(
+        x,
+        old.float(),
+        broadcast_to_tokens(adv, mask),
+        mask,
+        kind=kind,
+        aggregation="seq_mean_token_sum",
+    )
+    loss.backward()
+    assert bool((x.grad[:4] == 0).all()) and bool((x.grad[4:][mask[4:]] != 0).any())
