@@ -1,0 +1,297 @@
+"""Multi-turn building blocks (pure, no Ray): tool-call parsing and running, the tool
+environment's answers to good and bad calls, token-exact transcripts (assembled ids, loss mask
+and log-prob positions checked by hand for 1, 2 and 3 turns, one cut at its token limit; the
+re-encoding check catching drift; a template that rewrites earlier turns refused), and
+episodes driven by a scripted turn generator: how each ends, their metrics, their layout as a
+rollout, and single-turn episodes laid out as today's rollouts."""
+
+from __future__ import annotations
+
+import copy
+import time
+
+import pytest
+
+from rlhf.envs import (
+    BadCall,
+    SingleTurn,
+    ToolCall,
+    ToolEnv,
+    parse_tool_calls,
+    run_with_timeout,
+    tool_schema,
+)
+from rlhf.episodes import Limits, episode_metrics, run_episodes, to_rollout
+from rlhf.transcripts import (
+    TemplateError,
+    add_environment,
+    add_turn,
+    environment_turn_ids,
+    render_ids,
+    retokenize_mismatch,
+    start,
+)
+
+
+def add(a: int, b: int) -> int:
+    """Add two integers.
+
+    Args:
+        a: The first number.
+        b: The second number.
+    """
+    return a + b
+
+
+def broken(x: str) -> str:
+    """Always fails.
+
+    Args:
+        x: Anything.
+    """
+    raise RuntimeError("boom")
+
+
+def sleepy(seconds: float) -> str:
+    """Sleeps.
+
+    Args:
+        seconds: How long.
+    """
+    time.sleep(seconds)
+    return "woke"
+
+
+# ------------------------------------------------------------------ tool calls
+
+
+def test_parse_tool_calls_good_and_malformed():
+    text = (
+        'Let me add. <tool_call>{"name": "add", "arguments": {"a": 2, "b": 3}}</tool_call>'
+        '<tool_call>{"name": "add", "arguments": "{\\"a\\": 1, \\"b\\": 1}"}</tool_call>'
+        '<tool_call>{name: add}</tool_call><tool_call>[1, 2]</tool_call><tool_call>{"name": "add"'
+    )
+    calls = parse_tool_calls(text)
+    assert calls[:2] == [ToolCall("add", {"a": 2, "b": 3}), ToolCall("add", {"a": 1, "b": 1})]
+    assert [type(c) for c in calls[2:]] == [BadCall, BadCall, BadCall]
+    assert calls[2].error.startswith("not JSON") and "expected" in calls[3].error
+    assert calls[4].error == "<tool_call> never closed"
+    assert parse_tool_calls("The answer is 5.") == []
+
+
+def test_tool_schema_from_hints_and_docstring():
+    schema = tool_schema(add)
+    assert schema["function"]["name"] == "add"
+    assert schema["function"]["parameters"]["properties"]["a"] == {
+        "type": "integer",
+        "description": "The first number.",
+    }
+    with pytest.raises(ValueError, match=r"tool .*lambda"):
+        tool_schema(lambda x: x)
+
+
+def test_run_with_timeout_returns_errors_instead_of_raising():
+    assert run_with_timeout(add, {"a": 2, "b": 40}, 1.0) == (True, "42")
+    assert run_with_timeout(broken, {"x": "?"}, 1.0) == (False, "RuntimeError: boom")
+    ok, why = run_with_timeout(add, {"a": 1}, 1.0)
+    assert not ok and why.startswith("TypeError")
+    start_t = time.perf_counter()
+    assert run_with_timeout(sleepy, {"seconds": 30}, 0.2) == (False, "timed out after 0.2s")
+    assert time.perf_counter() - start_t < 2
+
+
+def test_tool_env_answers_each_call_and_ends_on_an_answer():
+    env = ToolEnv([add, broken, sleepy], timeout_s=0.2)
+    assert env.reset({"prompt": "What is 2+3?"}) == [{"role": "user", "content": "What is 2+3?"}]
+    step = env.step(
+        '<tool_call>{"name": "add", "arguments": {"a": 2, "b": 3}}</tool_call>'
+        '<tool_call>{"name": "broken", "arguments": {"x": "1"}}</tool_call>'
+        '<tool_call>{"name": "sleepy", "arguments": {"seconds": 5}}</tool_call>'
+        '<tool_call>{"name": "nope", "arguments": {}}</tool_call>'
+    )
+    assert not step.done and step.info == {"tool_calls": 4.0, "tool_errors": 3.0}
+    assert [m["content"] for m in step.messages] == [
+        "5",
+        "error: RuntimeError: boom",
+        "error: timed out after 0.2s",
+        "error: unknown tool 'nope' (tools: add, broken, sleepy)",
+    ]
+    assert all(m["role"] == "tool" for m in step.messages)
+    bad = env.step("<tool_call>not json</tool_call>")
+    assert bad.info["tool_errors"] == 1.0 and "malformed tool call" in bad.messages[0]["content"]
+    assert env.step("It is 5.").done
+    assert SingleTurn().step("anything").done
+
+
+# ------------------------------------------------------------------ transcripts
+
+
+@pytest.fixture
+def tok(tiny_tokenizer):
+    return tiny_tokenizer
+
+
+def ids_of(tok, text: str) -> list[int]:
+    return tok(text, add_special_tokens=False)["input_ids"]
+
+
+def test_environment_turn_ids_are_the_templates_text_after_an_assistant_turn(tok):
+    extra = environment_turn_ids(tok, [{"role": "tool", "content": "42"}])
+    # ChatML: the newline after <|im_end|>, the tool turn, the next generation prompt
+    assert tok.decode(extra) == "\n<|im_start|>tool\n42<|im_end|>\n<|im_start|>assistant\n"
+
+
+@pytest.mark.parametrize("turns", [1, 2, 3])
+def test_transcript_ids_mask_and_logps_by_hand(tok, turns):
+    """Turn k generates 'a{k}' + EOS (the last one cut at its token limit when turns = 3);
+    each environment turn answers with a tool message."""
+    eos = tok.eos_token_id
+    t = start(tok, [{"role": "user", "content": "hi"}])
+    prompt = render_ids(tok, [{"role": "user", "content": "hi"}], True)
+    assert t.ids == prompt and not any(t.mask)
+    expected_ids, expected_mask, expected_logps = (
+        list(prompt),
+        [False] * len(prompt),
+        [0.0] * len(prompt),
+    )
+    for k in range(1, turns + 1):
+        cut = turns == 3 and k == 3
+        generated = ids_of(tok, f"a{k}") + ([] if cut else [eos])
+        logps = [-0.1 * (k + j) for j in range(len(generated))]
+        text = add_turn(t, tok, generated, logps, finished=not cut)
+        assert text == f"a{k}"
+        expected_ids += generated
+        expected_mask += [True] * len(generated)
+        expected_logps += logps
+        if k < turns:
+            env = [{"role": "tool", "content": f"r{k}"}]
+            add_environment(t, tok, env)
+            extra = [
+                *ids_of(tok, f"\n<|im_start|>tool\nr{k}"),
+                eos,
+                *ids_of(tok, "\n<|im_start|>assistant\n"),
+            ]
+            expected_ids += extra
+            expected_mask += [False] * len(extra)
+            expected_logps += [0.0] * len(extra)
+    assert t.ids == expected_ids and t.mask == expected_mask
+    assert t.logps == pytest.approx(expected_logps)
+    assert t.turns == turns and t.truncated == (turns == 3)
+    assert t.prompt_length == len(prompt)
+    # each turn's span holds exactly its generated ids
+    for k, (lo, hi) in enumerate(t.turn_spans, start=1):
+        assert tok.decode(t.ids[lo:hi], skip_special_tokens=True) == f"a{k}"
+    assert retokenize_mismatch(t, tok) is None
+
+
+def test_retokenize_check_catches_drift(tok):
+    """The model generated 'a' and 'b' as two ids where the tokenizer would merge 'ab' into
+    one (or the other way round): the text is the same, the ids are not."""
+    t = start(tok, [{"role": "user", "content": "hi"}])
+    merged = ids_of(tok, "the")
+    split = [i for ch in "the" for i in ids_of(tok, ch)]
+    assert merged != split  # the same text, two tokenisations
+    add_turn(t, tok, [*split, tok.eos_token_id], [0.0] * (len(split) + 1), finished=True)
+    lo, hi = t.turn_spans[0]
+    first = retokenize_mismatch(t, tok)
+    assert first is not None and lo <= first < hi  # caught inside the drifting turn
+
+
+def test_a_template_that_rewrites_earlier_turns_is_refused(tok):
+    tok = copy.deepcopy(tok)  # the fixture is shared
+    rewriting = (
+        "{% for m in messages %}{% if loop.last %}<|im_start|>{{ m.role }}\n{{ m.content }}<|im_end|>\n"
+        "{% else %}<|im_start|>{{ m.role }}\n(earlier) {{ m.content }}<|im_end|>\n{% endif %}{% endfor %}"
+        "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+    )
+    tok.chat_template = rewriting
+    with pytest.raises(TemplateError, match="rewrites earlier turns"):
+        environment_turn_ids(tok, [{"role": "tool", "content": "1"}])
+
+
+# ------------------------------------------------------------------ episodes
+
+CALL = '<tool_call>{"name": "add", "arguments": {"a": 2, "b": 3}}</tool_call>'
+
+
+def scripted(tok, scripts: list[list[str]]):
+    """A turn generator that plays each episode's script (one text per turn), each id with
+    log-prob -(its position in the turn + 1) / 10, EOS at the end, cut at the budget."""
+    turn_of: dict[int, int] = {}
+
+    def generate(batch, budgets):
+        out = []
+        for ids, budget in zip(batch, budgets, strict=True):
+            episode = next(k for k, p in enumerate(prompts) if ids[: len(p)] == p)
+            k = turn_of.get(episode, 0)
+            turn_of[episode] = k + 1
+            gen = [*ids_of(tok, scripts[episode][k]), tok.eos_token_id]
+            cut = len(gen) > budget
+            gen = gen[:budget]
+            out.append((gen, [-(j + 1) / 10 for j in range(len(gen))], not cut))
+        return out
+
+    prompts: list[list[int]] = []
+    return generate, prompts
+
+
+def test_episodes_end_as_documented_and_lay_out_as_a_rollout(tok):
+    questions = ["q one", "q two", "q three", "q four"]
+    scripts = [
+        [CALL, "It is 5."],  # a tool call, then the answer
+        ["<tool_call>oops</tool_call>", "5"],  # a malformed call: an error message, then on
+        [CALL, CALL, CALL, CALL],  # never answers: stops at max_turns
+        ["a long answer that will not fit in the budget at all"],  # cut at its token budget
+    ]
+    generate, prompts = scripted(tok, scripts)
+    rows = [{"prompt": q} for q in questions]
+    prompts += [render_ids(tok, [{"role": "user", "content": q}], True) for q in questions]
+    envs = [ToolEnv([add]) for _ in rows]
+    limits = Limits(max_turns=3, max_total_tokens=1000)
+    # the 4th episode gets a smaller budget through its own run
+    episodes = run_episodes(envs[:3], rows[:3], tok, generate, limits)
+    episodes += run_episodes(envs[3:], rows[3:], tok, generate, Limits(3, 6))
+    assert [e.end for e in episodes] == ["answer", "answer", "max_turns", "truncated"]
+    assert [e.transcript.turns for e in episodes] == [2, 2, 3, 1]
+    # every turn is answered, the last one's messages dropped at max_turns: 3 calls
+    assert [e.tool_calls for e in episodes] == [1.0, 1.0, 3.0, 0.0]
+    assert [e.tool_errors for e in episodes] == [0.0, 1.0, 0.0, 0.0]
+    assert episodes[0].transcript.messages[2] == {"role": "tool", "content": "5"}
+    assert episodes[3].used == 6 and episodes[3].transcript.truncated
+    m = episode_metrics(episodes, tok)
+    assert m["rollout/turns"] == 2.0 and m["rollout/tool_calls"] == 1.25
+    assert m["rollout/tool_error_rate"] == 0.2 and m["rollout/truncated"] == 0.25
+    assert m["rollout/retokenize_mismatch"] == 0.0
+    assert m["rollout/episode_tokens"] == sum(e.used for e in episodes) / 4
+    r = to_rollout(episodes, [0, 1, 2, 3], tok.pad_token_id)
+    assert r.finish == ["stop", "stop", "stop", "length"]
+    for row, e in enumerate(episodes):
+        p, t = e.prompt_length, e.transcript
+        width = r.prompt_ids.shape[1]
+        assert r.prompt_ids[row, width - p :].tolist() == t.ids[:p]
+        n = len(t.ids) - p
+        assert r.response_ids[row, :n].tolist() == t.ids[p:]
+        # the loss mask: each turn's ids, never the environment's
+        trained = [j for j, on in enumerate(r.response_mask[row].tolist()) if on]
+        spans = [j - p for lo, hi in t.turn_spans for j in range(lo, hi)]
+        assert trained == spans
+        # the log-probs sit on the generated ids: -(position in its turn + 1) / 10
+        for lo, hi in t.turn_spans:
+            got = r.logps[row, lo - p : hi - p].tolist()
+            assert got == pytest.approx([-(j + 1) / 10 for j in range(hi - lo)])
+        assert float(r.logps[row][~r.response_mask[row]].abs().sum()) == 0.0
+
+
+def test_single_turn_episodes_are_todays_rollouts(tok):
+    """Through the episode path, a single-turn environment gives the prompt as the chat
+    template renders it and one generated response: the layout of a single-turn rollout."""
+    generate, prompts = scripted(tok, [["fine"], ["ok then"]])
+    rows = [{"prompt": "a"}, {"prompt": "b"}]
+    prompts += [render_ids(tok, [{"role": "user", "content": q}], True) for q in ("a", "b")]
+    episodes = run_episodes([SingleTurn(), SingleTurn()], rows, tok, generate, Limits(1, 32))
+    r = to_rollout(episodes, [0, 1], tok.pad_token_id)
+    for row, text in enumerate(["fine", "ok then"]):
+        n = int(r.response_mask[row].sum())
+        assert r.response_ids[row, :n].tolist() == [*ids_of(tok, text), tok.eos_token_id]
+        assert bool(r.response_mask[row, :n].all()) and not bool(r.response_mask[row, n:].any())
+    assert [e.end for e in episodes] == ["answer", "answer"] and r.finish == ["stop", "stop"]
