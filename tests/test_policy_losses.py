@@ -161,12 +161,14 @@ def test_gspo_and_cispo_on_all_masked_rows_are_zero_and_finite():
 
 # ------------------------------------------------------------------ against TRL's own loss
 
-from trl.trainer import grpo_trainer as trl_grpo  # noqa: E402  (trl: the dev extra)
-
 
 def trl_loss(loss_type, level, logps, old, adv, mask, eps_low, eps_high, max_len):
     """TRL's GRPOTrainer._compute_loss (eval mode: no gradient-accumulation scaling) on our
     tensors: a stand-in `self` that hands it the log-probs instead of running a model."""
+    # trl is in the dev extra (CI has it); an environment without it (the vLLM one) still
+    # collects this file.
+    from trl.trainer import grpo_trainer as trl_grpo
+
     ours = logps.clone().requires_grad_(True)
     fake = SimpleNamespace(
         _get_per_token_logps_and_entropies=lambda *a, **k: (ours, torch.zeros_like(ours), None),
