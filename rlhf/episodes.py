@@ -36,7 +36,9 @@ class Limits:
     max_turns: int = 1
     """Assistant turns per episode."""
     max_total_tokens: int = 256
-    """Tokens after the prompt (the model's and the environment's) per episode."""
+    """Tokens after the prompt (the model's and the environment's) per episode: no turn of the
+    model goes past it; an environment turn that reaches it ends the episode (its template
+    ids are kept whole, so they may pass it)."""
 
 
 @dataclass
@@ -97,6 +99,37 @@ def run_episodes(
                     still.append(i)
         running = still
     return episodes
+
+
+def engine_turns(generate: Callable, settings, seed: int, pad_id: int) -> TurnGenerator:
+    """A TurnGenerator over an engine backend's `generate(PromptBatch, RolloutConfig, seed) ->
+    Rollout` (the HF and vLLM backends): the running episodes' ids left-padded into one batch,
+    one sample each, up to the largest budget; a turn longer than its own budget is cut there
+    (then unfinished). Each call gets the next seed."""
+    from rlhf.types import PromptBatch
+
+    calls = [0]
+
+    def turns(batch: list[list[int]], budgets: list[int]):
+        prompts = PromptBatch(
+            pad(batch, pad_id, left=True),
+            pad([[1] * len(ids) for ids in batch], 0, left=True),
+            torch.arange(len(batch)),
+        )
+        sampling = settings.model_copy(
+            update={"n_samples_per_prompt": 1, "max_new_tokens": max(budgets)}
+        )
+        r = generate(prompts, sampling, seed + calls[0])
+        calls[0] += 1
+        out = []
+        for i, budget in enumerate(budgets):
+            keep = r.response_mask[i].bool()
+            ids, logps = r.response_ids[i][keep].tolist(), r.logps[i][keep].tolist()
+            finished = r.finish[i] == "stop" and len(ids) <= budget
+            out.append((ids[:budget], logps[:budget], finished))
+        return out
+
+    return turns
 
 
 def episode_metrics(episodes: list[Episode], tokenizer, tools=None) -> dict[str, float]:

@@ -11,6 +11,7 @@ import copy
 import time
 
 import pytest
+import torch
 
 from rlhf.envs import (
     BadCall,
@@ -295,3 +296,66 @@ def test_single_turn_episodes_are_todays_rollouts(tok):
         assert r.response_ids[row, :n].tolist() == [*ids_of(tok, text), tok.eos_token_id]
         assert bool(r.response_mask[row, :n].all()) and not bool(r.response_mask[row, n:].any())
     assert [e.end for e in episodes] == ["answer", "answer"] and r.finish == ["stop", "stop"]
+
+
+class Chatty:
+    """Answers every turn with a user message, so episodes run to max_turns."""
+
+    def reset(self, row):
+        return [{"role": "user", "content": row["prompt"]}]
+
+    def step(self, assistant):
+        from rlhf.envs import Step
+
+        return Step([{"role": "user", "content": "go on"}], reward=0.5)
+
+
+def test_episodes_on_the_hf_engine_keep_its_tokens_and_log_probs(tiny_path, tok):
+    """Three-turn episodes sampled by the real HF engine (tiny model, fp32): the transcript
+    holds exactly the sampled ids, and the engine's log-prob at each generated position equals
+    the trainer's teacher-forced log-prob of the assembled sequence there (the tokens trained
+    on are the tokens generated); environment ids carry no log-prob and no loss."""
+    from actors.rollout import HFBackend
+    from rlhf.config import RolloutConfig, build_config
+    from rlhf.episodes import engine_turns
+    from rlhf.objectives import token_logps
+    from rlhf.roles import engine_spec
+
+    cfg = build_config(
+        {
+            "algorithm": "ppo",
+            "model": {"name_or_path": str(tiny_path)},
+            "roles": {"reward": {"type": "function", "function": "a:b"}},
+        }
+    )
+    backend = HFBackend(engine_spec(cfg), "cpu")
+    # The random tiny model rarely ends a turn: +5 on the EOS logit (in the engine and in the
+    # teacher-forced forward alike) makes turns end within a few tokens.
+    eos = tok.eos_token_id
+
+    def favour_eos(module, args, logits):
+        logits[..., eos] += 5.0
+        return logits
+
+    backend.model.lm_head.register_forward_hook(favour_eos)
+    settings = RolloutConfig(temperature=1.0, max_new_tokens=12)
+    turns = engine_turns(backend.generate, settings, seed=7, pad_id=tok.pad_token_id)
+    rows = [{"prompt": "Review the film"}, {"prompt": "Hi"}, {"prompt": "A long opening line"}]
+    episodes = run_episodes([Chatty() for _ in rows], rows, tok, turns, Limits(3, 40))
+    assert all(e.transcript.turns >= 1 for e in episodes)
+    assert any(e.transcript.turns == 3 for e in episodes)  # some ran every turn
+    assert all(e.rewards == [0.5] * e.transcript.turns for e in episodes if e.end != "truncated")
+    for e in episodes:
+        t = e.transcript
+        ids = torch.tensor([t.ids])
+        with torch.no_grad():
+            forced = token_logps(backend.model, ids, torch.ones_like(ids))[0]
+        generated = [j for j, on in enumerate(t.mask) if on]
+        engine = torch.tensor([t.logps[j] for j in generated])
+        # column j - 1 scores token j
+        torch.testing.assert_close(engine, forced[[j - 1 for j in generated]], rtol=0, atol=1e-4)
+        assert all(t.logps[j] == 0.0 for j, on in enumerate(t.mask) if not on)
+        # the model's turns stay within the budget (an environment turn may pass it, ending
+        # the episode)
+        assert e.transcript.turn_spans[-1][1] - e.prompt_length <= 40
+        assert e.used <= 40 or e.end == "max_tokens"
