@@ -32,7 +32,7 @@ from actors.groups import (
     start_placement,
 )
 from actors.metrics import MetricsLogger, RolePerf, reduce_metrics
-from actors.reward import Scores, make_scorer, required_fields
+from actors.reward import Scores, make_scorer, required_fields, write_eval_samples
 from actors.run import FAULT_EXIT_AFTER_STEP, StepPlan, init_ray, write_actor_pids, write_checkpoint
 from rlhf.advantages import RunningMeanStd
 from rlhf.config import RunConfig, dump_config
@@ -136,27 +136,6 @@ def plot_metrics(metrics_file: Path, png: Path) -> Path | None:
     fig.savefig(png, dpi=100)
     plt.close(fig)
     return png
-
-
-def write_eval_samples(
-    path: Path, step: int, prompts: list[str], rows: list, responses: list[str], scored: Scores
-) -> None:
-    """Append one JSON line per held-out sample: step, prompt, fields, response, reward and,
-    for verifiable rewards, the verdict and its reasons."""
-    with path.open("a") as f:
-        for k, response in enumerate(responses):
-            record = {
-                "step": step,
-                "prompt": prompts[k],
-                "fields": rows[k].fields,
-                "response": response,
-                "reward": round(scored.values[k].item(), 6),
-            }
-            if scored.correct is not None:
-                record["correct"] = scored.correct[k]
-            if scored.reasons is not None:
-                record["reason"] = scored.reasons[k]
-            f.write(json.dumps(record, ensure_ascii=False, default=str) + "\n")
 
 
 def _rows(refs) -> torch.Tensor | None:
@@ -298,13 +277,16 @@ class OnlineRun:
 
     # ------------------------------------------------------------------ one step
 
+    def engine_batches(self, dataset, indices: list[int]) -> list:
+        """The prompts `indices` of `dataset`, dealt round-robin into one batch per engine."""
+        engines = self.rollout.world_size
+        return [self.collate([dataset[i] for i in indices[e::engines]]) for e in range(engines)]
+
     def submit_generate(self, step: int) -> list:
         """Queue step `step`'s rollout on the engines (behind a queued weight sync, if any)."""
-        indices = self.plan.step_indices(step)
-        engines = self.rollout.world_size
-        shards = [indices[e::engines] for e in range(engines)]
-        batches = [self.collate([self.prompts[i] for i in s]) for s in shards]
-        return self.rollout.generate(batches, step)
+        return self.rollout.generate(
+            self.engine_batches(self.prompts, self.plan.step_indices(step)), step
+        )
 
     def collect_rollout(self, refs: list) -> Rollout:
         return merge_rollouts(self.rollout.gather(refs), self.tokenizer.pad_token_id)
@@ -346,20 +328,13 @@ class OnlineRun:
         eval_samples.jsonl with its verdict; keeps the first responses for the report."""
         if self.eval_prompts is None:
             return {}
-        indices = list(range(len(self.eval_prompts)))
-        engines = self.rollout.world_size
-        batches = [
-            self.collate([self.eval_prompts[i] for i in indices[e::engines]])
-            for e in range(engines)
-        ]
+        batches = self.engine_batches(self.eval_prompts, list(range(len(self.eval_prompts))))
         s = self.cfg.roles.rollout
         sampling = s.model_copy(update={"n_samples_per_prompt": s.eval_samples_per_prompt})
         parts = gather(self.rollout.generate(batches, EVAL_SEED_STEP, sampling))
         r = merge_rollouts(parts, self.tokenizer.pad_token_id)
-        rows = [self.eval_prompts[int(i)] for i in r.prompt_index]
-        prompts = [f.prompt_text for f in rows]
-        responses = self._decode(r)
-        scored = self.fetch_scores(self.submit_scores(prompts, responses, rows))
+        rows, prompts, responses, handle = self.submit_scores(r, self.eval_prompts)
+        scored = self.fetch_scores(handle)
         scores = scored.values
         # The report keeps the first response of the first 3 prompts.
         first = {}
@@ -376,14 +351,17 @@ class OnlineRun:
             out.update(pass_metrics(r.prompt_index.tolist(), scored.correct))
         return out
 
-    def submit_scores(self, prompts: list[str], responses: list[str], rows: list):
-        """Start scoring on the reward actor (a ref), or score here when the reward runs in the
-        driver (Scores): call it after the actors' work is submitted, so that both overlap.
-        `rows`: each response's prompt features (their fields go to the reward)."""
+    def submit_scores(self, r: Rollout, dataset) -> tuple[list, list[str], list[str], object]:
+        """Decode a rollout of `dataset`'s prompts and start scoring it on the reward actor (a
+        ref), or score it here when the reward runs in the driver (Scores): call it after the
+        actors' work is submitted, so that both overlap. Returns each row's prompt features
+        (their fields go to the reward), prompt texts, responses and the scores' handle."""
+        rows = [dataset[int(i)] for i in r.prompt_index]
+        prompts, responses = [f.prompt_text for f in rows], self._decode(r)
         fields = [f.fields for f in rows]
         if self.scorer is not None:
-            return self.scorer(prompts, responses, fields)
-        return self.reward.score(prompts, responses, fields)
+            return rows, prompts, responses, self.scorer(prompts, responses, fields)
+        return rows, prompts, responses, self.reward.score(prompts, responses, fields)
 
     @staticmethod
     def fetch_scores(handle) -> Scores:
@@ -422,11 +400,12 @@ class OnlineRun:
         loss, the reference's result is not awaited here: `self.pending_ref` holds its refs
         for the updates, which fetch them after their own forward pass."""
         ids, attention, action = sequences(r)
-        rows = [self.prompts[int(i)] for i in r.prompt_index]
-        prompt_text = [f.prompt_text for f in rows]
-        responses = self._decode(r)
+        if scored is None:
+            _, prompt_text, responses, scores = self.submit_scores(r, self.prompts)
+        else:
+            prompt_text = [self.prompts[int(i)].prompt_text for i in r.prompt_index]
+            responses, scores = self._decode(r), scored
         ref_refs, old_refs, value_refs = forwards["reference"], forwards["old"], forwards["values"]
-        scores = scored or self.submit_scores(prompt_text, responses, rows)
         self.pending_ref = ref_refs if self.kl_in_loss else None
         ref = None if self.kl_in_loss else _rows(ref_refs)
         old, values = _rows(old_refs), _rows(value_refs)
@@ -626,13 +605,10 @@ class OnlineRun:
         n, need = self.cfg.roles.rollout.n_samples_per_prompt, self.plan.global_batch
         kept: list[tuple[Rollout, Scores]] = []
         dropped: list[tuple[Rollout, Scores]] = []
-        have, rounds, first_scores = 0, 0, None
+        rounds, first_scores = 0, None
         while True:
             r = self.collect_rollout(parts)
-            rows = [self.prompts[int(i)] for i in r.prompt_index]
-            scored = self.fetch_scores(
-                self.submit_scores([f.prompt_text for f in rows], self._decode(r), rows)
-            )
+            scored = self.fetch_scores(self.submit_scores(r, self.prompts)[3])
             first_scores = first_scores or scored
             groups = scored.values.view(-1, n)
             signal = (groups.amax(1) != groups.amin(1)).tolist()
@@ -641,20 +617,16 @@ class OnlineRun:
                 (kept if informative else dropped).append(
                     (select_rows(r, picked), scored.select(picked))
                 )
-            have = len(kept)
             if rounds == 0:
                 informative_frac = sum(signal) / len(signal)
-            if have >= need or rounds == self.cfg.ppo.dynamic_sampling_max_rounds:
+            if len(kept) >= need or rounds == self.cfg.ppo.dynamic_sampling_max_rounds:
                 break
             rounds += 1
             g = torch.Generator().manual_seed(self.cfg.data.seed * 7919 + step * 131 + rounds)
             indices = torch.randperm(len(self.prompts), generator=g)[:need].tolist()
-            engines = self.rollout.world_size
-            batches = [
-                self.collate([self.prompts[i] for i in indices[e::engines]]) for e in range(engines)
-            ]
+            batches = self.engine_batches(self.prompts, indices)
             parts = self.rollout.generate(batches, EXTRA_SEED_STEP + 64 * step + rounds)
-        short = max(0, need - have)
+        short = max(0, need - len(kept))
         chosen = (kept + dropped[:short])[:need]
         batch = merge_rollouts([c[0] for c in chosen], self.tokenizer.pad_token_id)
         scores = Scores.cat([c[1] for c in chosen])

@@ -18,6 +18,7 @@ import urllib.request
 from collections.abc import Callable
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
 
@@ -77,6 +78,27 @@ class Scores:
         )
         values = torch.cat([p.values for p in parts])
         return Scores(values, joined("correct"), joined("reasons"), dict(parts[0].metrics))
+
+
+def write_eval_samples(
+    path: Path, step: int, prompts: list[str], rows: list, responses: list[str], scored: Scores
+) -> None:
+    """Append one JSON line per held-out sample: step, prompt, fields, response, reward and,
+    for verifiable rewards, the verdict and its reasons."""
+    with path.open("a") as f:
+        for k, response in enumerate(responses):
+            record = {
+                "step": step,
+                "prompt": prompts[k],
+                "fields": rows[k].fields,
+                "response": response,
+                "reward": round(scored.values[k].item(), 6),
+            }
+            if scored.correct is not None:
+                record["correct"] = scored.correct[k]
+            if scored.reasons is not None:
+                record["reason"] = scored.reasons[k]
+            f.write(json.dumps(record, ensure_ascii=False, default=str) + "\n")
 
 
 def _import_function(spec: str) -> Callable:
@@ -190,7 +212,10 @@ class HTTPScorer:
             self.headers["Authorization"] = f"Bearer {token}"
         self.source = f"reward endpoint {rc.url}"
 
-    def __call__(self, prompts: list[str], responses: list[str]) -> torch.Tensor:
+    def __call__(
+        self, prompts: list[str], responses: list[str], fields: Fields | None = None
+    ) -> torch.Tensor:
+        """`fields` are not sent: the endpoint's protocol is {prompts, responses}."""
         body = json.dumps({"prompts": prompts, "responses": responses}).encode()
         last = None
         for attempt in range(self.retries + 1):
@@ -251,7 +276,10 @@ class ModelScorer:
         self.source = f"reward model {model_cfg.name_or_path}"
 
     @torch.no_grad()
-    def __call__(self, prompts: list[str], responses: list[str]) -> torch.Tensor:
+    def __call__(
+        self, prompts: list[str], responses: list[str], fields: Fields | None = None
+    ) -> torch.Tensor:
+        """Scores the text alone (a classifier reads no row fields)."""
         out = []
         texts = [p + r for p, r in zip(prompts, responses, strict=True)]
         for i in range(0, len(texts), self.batch_size):
@@ -291,15 +319,13 @@ class Reward:
         self, prompts: list[str], responses: list[str], fields: Fields | None = None
     ) -> Scores:
         start = time.perf_counter()
-        if isinstance(self.source, FunctionScorer | VerifiableScorer):
-            out = self.source(prompts, responses, fields)
-        else:
-            out = self.source(prompts, responses)
+        out = self.source(prompts, responses, fields)
         scores = out if isinstance(out, Scores) else Scores(out)
         scores.metrics["timing/reward"] = time.perf_counter() - start
         return scores
 
     def close(self) -> None:
+        """Stops the verifiers' processes (the other sources hold none)."""
         if isinstance(self.source, VerifiableScorer):
             self.source.close()
 

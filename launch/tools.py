@@ -206,8 +206,7 @@ def evaluate_rewards(
     """Mean and std of the reward of roles.rollout.eval_samples_per_prompt responses per
     prompt (roles.rollout sampling); with verifiable rewards pass@k and mean@n too. `samples`:
     a JSONL file for every response with its reward and verdict."""
-    from actors.online import write_eval_samples
-    from actors.reward import make_scorer
+    from actors.reward import make_scorer, write_eval_samples
     from rlhf.roles import reward_spec
     from rlhf.verifiers import pass_metrics
 
@@ -215,9 +214,10 @@ def evaluate_rewards(
     n = cfg.roles.rollout.eval_samples_per_prompt
     responses = sample(cfg, features, tokenizer, seed, n)
     rows = [f for f in features for _ in range(n)]
+    prompts = [f.prompt_text for f in rows]
     scorer = make_scorer(reward_spec(cfg))
     try:
-        scored = scorer([f.prompt_text for f in rows], responses, [f.fields for f in rows])
+        scored = scorer(prompts, responses, [f.fields for f in rows])
     finally:
         scorer.close()
     scores = scored.values
@@ -233,7 +233,7 @@ def evaluate_rewards(
         )
     if samples is not None:
         samples.unlink(missing_ok=True)
-        write_eval_samples(samples, 0, [f.prompt_text for f in rows], rows, responses, scored)
+        write_eval_samples(samples, 0, prompts, rows, responses, scored)
         print(f"samples written to {samples}")
     return out
 

@@ -253,14 +253,6 @@ PPO_PRESETS: dict[str, dict[str, Any]] = {
 
 
 class PPOConfig(_Section):
-    @model_validator(mode="before")
-    @classmethod
-    def _apply_preset(cls, data: Any) -> Any:
-        """PPOConfig(preset=...) built directly (load_config applies it before the defaults)."""
-        if isinstance(data, dict) and data.get("preset") in PPO_PRESETS:
-            return {**PPO_PRESETS[data["preset"]], **data}
-        return data
-
     @model_validator(mode="after")
     def _check_loss(self) -> PPOConfig:
         if self.dual_clip is not None and self.policy_loss == "cispo":
@@ -318,7 +310,8 @@ class PPOConfig(_Section):
     (REINFORCE weighted by the clipped, stop-gradient token ratio; MiniMax-M1 2025)."""
     preset: Literal["dapo", "dr_grpo", "gspo"] | None = None
     """Published combinations, filling the keys this section does not set itself (see
-    PPO_PRESETS in rlhf/config.py): dapo, dr_grpo, gspo."""
+    PPO_PRESETS in rlhf/config.py; applied by build_config, before the defaults): dapo,
+    dr_grpo, gspo."""
     dynamic_sampling: bool = False
     """DAPO's dynamic sampling: groups whose rewards are all equal carry no gradient signal;
     they are dropped and more prompts sampled until the batch is full (synchronous loop)."""

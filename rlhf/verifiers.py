@@ -9,11 +9,16 @@ a sample is *correct* (pass@k, mean@k) when it gives 1.
 
 from __future__ import annotations
 
+import logging
 import re
 import threading
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
+
+from rlhf.logs import warn_once
+
+log = logging.getLogger(__name__)
 
 #: The format verifier's default: reasoning in <think> tags, then the answer in <answer> tags.
 THINK_ANSWER = r"\s*<think>.*?</think>\s*<answer>.*?</answer>\s*"
@@ -79,21 +84,16 @@ def extract_answer(text: str, mode: str) -> str | None:
     raise ValueError(f"unknown answer extraction {mode!r}")
 
 
-_UNBOUNDED_WARNED = False
-
-
 def _timeout(seconds: float) -> int | None:
     """math-verify bounds its parsing with SIGALRM, which works in a main thread only; off it
     (a verifier called from a thread) the bound is dropped, said once."""
-    global _UNBOUNDED_WARNED
     if threading.current_thread() is not threading.main_thread():
-        if not _UNBOUNDED_WARNED:
-            _UNBOUNDED_WARNED = True
-            print(
-                "verifiers: math runs outside a main thread here, so its timeout_s cannot be "
-                "enforced (SIGALRM); set roles.reward.workers >= 1 to verify in processes",
-                flush=True,
-            )
+        warn_once(
+            log,
+            "math:unbounded",
+            "verifiers: math runs outside a main thread here, so its timeout_s cannot be "
+            "enforced (SIGALRM); set roles.reward.workers >= 1 to verify in processes",
+        )
         return None
     return max(1, round(seconds))
 

@@ -26,19 +26,21 @@ def rlhf(*args: str, cwd: Path = ROOT, timeout: int = 600) -> subprocess.Complet
     )
 
 
+#: A quickstart shrunk for the tests: the tiny model, 2 steps, short responses, 4 held-out prompts.
+TINY_QUICKSTART = (
+    "logging.progress=false",
+    "model.name_or_path=builtin:tiny",
+    "train.max_steps=2",
+    "roles.rollout.max_new_tokens=8",
+    "data.eval.limit=4",
+)
+
+
 def test_quickstart_config_runs_offline(tmp_path):
     """The quickstart's embedded config, shrunk to the tiny model and 2 steps (the full run
     takes ~10 minutes): held-out reward before and after, samples, plot, final model."""
     out = tmp_path / "qs"
-    result = rlhf(
-        "quickstart",
-        f"output_dir={out}",
-        "logging.progress=false",
-        "model.name_or_path=builtin:tiny",
-        "train.max_steps=2",
-        "roles.rollout.max_new_tokens=8",
-        "data.eval.limit=4",
-    )
+    result = rlhf("quickstart", f"output_dir={out}", *TINY_QUICKSTART)
     assert result.returncode == 0, result.stderr[-3000:]
     saved = yaml.safe_load((out / "config.yaml").read_text())
     assert (
@@ -59,17 +61,7 @@ def test_reasoning_quickstart_runs_offline(tmp_path):
     reward reads each row's answer; held-out pass@1 and pass@4 before and after; every
     held-out sample is written with its verdict."""
     out = tmp_path / "qs"
-    result = rlhf(
-        "quickstart",
-        "--task",
-        "reasoning",
-        f"output_dir={out}",
-        "logging.progress=false",
-        "model.name_or_path=builtin:tiny",
-        "train.max_steps=2",
-        "roles.rollout.max_new_tokens=8",
-        "data.eval.limit=4",
-    )
+    result = rlhf("quickstart", "--task", "reasoning", f"output_dir={out}", *TINY_QUICKSTART)
     assert result.returncode == 0, result.stderr[-3000:]
     saved = yaml.safe_load((out / "config.yaml").read_text())
     assert saved["roles"]["reward"]["type"] == "verifiable"

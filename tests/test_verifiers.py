@@ -403,3 +403,19 @@ def test_sandbox_leaves_no_process_behind_after_a_timeout():
         if line.split()[0] not in before.split() and "main.py" in line
     ]
     assert not new
+
+
+def test_math_off_the_main_thread_says_once_that_its_timeout_is_dropped(caplog):
+    import threading
+
+    import rlhf.logs
+
+    rlhf.logs._said.discard(("rlhf.verifiers", "math:unbounded"))
+    verdicts = []
+    for _ in range(2):
+        worker = threading.Thread(target=lambda: verdicts.append(math_equal("0.5", "1/2")))
+        worker.start()
+        worker.join()
+    assert [v.value for v in verdicts] == [1.0, 1.0]  # still verified, without the bound
+    said = [r for r in caplog.records if "cannot be enforced" in r.message]
+    assert len(said) == 1 and "roles.reward.workers" in said[0].message

@@ -295,9 +295,9 @@ def validate(
     return _VALIDATORS[fmt](row)
 
 
+#: The formats whose validator takes the row alone (classification and prompt rows take more).
 _VALIDATORS = {
     "preference": validate_preference,
     "sft": validate_sft,
-    "prompt": validate_prompt,
     "unpaired": validate_unpaired,
 }
