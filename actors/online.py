@@ -37,6 +37,7 @@ from actors.run import FAULT_EXIT_AFTER_STEP, StepPlan, init_ray, write_actor_pi
 from rlhf.advantages import RunningMeanStd
 from rlhf.config import RunConfig, dump_config
 from rlhf.data import load_datasets, make_collator
+from rlhf.episodes import episode_metrics, episode_texts, episodes_for, response_texts
 from rlhf.experience import compute_advantages, estimator_for
 from rlhf.flops import online_step_flops
 from rlhf.kl import logp_gap, make_kl_controller
@@ -183,6 +184,9 @@ class OnlineRun:
         )
         print(f"data: {self.prompts.summary()}", flush=True)
         self.collate = make_collator("prompt", self.tokenizer.pad_token_id)
+        env = cfg.roles.rollout.environment
+        if env is not None:  # said here, before any actor, when it cannot be built
+            episodes_for(env, self.tokenizer)
         t = cfg.train
         self.plan = StepPlan(
             len(self.prompts),
@@ -342,10 +346,19 @@ class OnlineRun:
             first.setdefault(i, row)
         kept = list(first.values())[:3]
         self.eval_samples.append([(prompts[k], responses[k], scores[k].item()) for k in kept])
-        write_eval_samples(self.out / "eval_samples.jsonl", step, prompts, rows, responses, scored)
+        write_eval_samples(
+            self.out / "eval_samples.jsonl",
+            step,
+            prompts,
+            rows,
+            responses,
+            scored,
+            episode_texts(r, self.tokenizer),
+        )
         out = {
             "eval/reward/mean": scores.mean().item(),
             "eval/reward/std": scores.std().item() if len(scores) > 1 else 0.0,
+            **{f"eval/{k}": v for k, v in episode_metrics(r.extras).items()},
         }
         if scored.correct is not None:
             out.update(pass_metrics(r.prompt_index.tolist(), scored.correct))
@@ -359,17 +372,22 @@ class OnlineRun:
         rows = [dataset[int(i)] for i in r.prompt_index]
         prompts, responses = [f.prompt_text for f in rows], self._decode(r)
         fields = [f.fields for f in rows]
+        env = r.extras.get("env_reward")  # multi-turn: the environment's rewards, added
         if self.scorer is not None:
-            return rows, prompts, responses, self.scorer(prompts, responses, fields)
-        return rows, prompts, responses, self.reward.score(prompts, responses, fields)
+            return rows, prompts, responses, self.scorer(prompts, responses, fields).plus(env)
+        handle = self.reward.score(prompts, responses, fields)
+        return rows, prompts, responses, handle if env is None else (handle, env)
 
     @staticmethod
     def fetch_scores(handle) -> Scores:
-        return handle if isinstance(handle, Scores) else gather([handle])[0]
+        if isinstance(handle, Scores):
+            return handle
+        if isinstance(handle, tuple):  # (the reward actor's ref, the environment's rewards)
+            return gather([handle[0]])[0].plus(handle[1])
+        return gather([handle])[0]
 
     def _decode(self, r: Rollout) -> list[str]:
-        rows = [row[m].tolist() for row, m in zip(r.response_ids, r.response_mask, strict=True)]
-        return self.tokenizer.batch_decode(rows, skip_special_tokens=True)
+        return response_texts(r, self.tokenizer)
 
     @property
     def kl_in_loss(self) -> bool:
@@ -441,6 +459,7 @@ class OnlineRun:
         adv.metrics["kl/coef"] = self.kl.value
         adv.metrics.update(gap)
         adv.metrics.update(scored.metrics)
+        adv.metrics.update(episode_metrics(r.extras))
         if scored.correct is not None:
             adv.metrics["reward/accuracy"] = sum(scored.correct) / len(scored.correct)
         if self.cfg.ppo.mask_truncated:  # DAPO's overlong filtering: no loss on cut responses

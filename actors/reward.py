@@ -68,6 +68,14 @@ class Scores:
         index = torch.tensor(rows, dtype=torch.long)
         return Scores(self.values[index], pick(self.correct), pick(self.reasons), self.metrics)
 
+    def plus(self, env_reward: torch.Tensor | None) -> Scores:
+        """The scores with multi-turn episodes' environment rewards added (None: as they are;
+        rollout/env_reward reports them)."""
+        if env_reward is None:
+            return self
+        values = self.values + env_reward.to(self.values.dtype)
+        return Scores(values, self.correct, self.reasons, self.metrics)
+
     @staticmethod
     def cat(parts: list[Scores]) -> Scores:
         """Scores of several batches, in order (the metrics are the first batch's)."""
@@ -81,10 +89,17 @@ class Scores:
 
 
 def write_eval_samples(
-    path: Path, step: int, prompts: list[str], rows: list, responses: list[str], scored: Scores
+    path: Path,
+    step: int,
+    prompts: list[str],
+    rows: list,
+    responses: list[str],
+    scored: Scores,
+    episodes: list[str] | None = None,
 ) -> None:
     """Append one JSON line per held-out sample: step, prompt, fields, response, reward and,
-    for verifiable rewards, the verdict and its reasons."""
+    for verifiable rewards, the verdict and its reasons; for a multi-turn episode, the
+    response is its last turn and `episode` the whole exchange after the prompt."""
     with path.open("a") as f:
         for k, response in enumerate(responses):
             record = {
@@ -98,6 +113,8 @@ def write_eval_samples(
                 record["correct"] = scored.correct[k]
             if scored.reasons is not None:
                 record["reason"] = scored.reasons[k]
+            if episodes is not None:
+                record["episode"] = episodes[k]
             f.write(json.dumps(record, ensure_ascii=False, default=str) + "\n")
 
 

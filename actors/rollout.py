@@ -20,6 +20,7 @@ import torch
 from actors.base import RankInfo, Worker, has_gpu
 from actors.weight_sync import WeightReceiver
 from rlhf.config import RolloutConfig
+from rlhf.episodes import episodes_for, sample_episodes
 from rlhf.logs import warn_once
 from rlhf.models import load_model, load_tokenizer
 from rlhf.ops import logprobs_from_logits
@@ -263,11 +264,15 @@ def _trim(
 class SeededSampler:
     """One engine's generate calls, seeded by (run seed, engine, step) so that a resumed run
     draws the same samples as an uninterrupted one, and a hybrid engine (policy rank i) the
-    same as separate engine i. A call without a step counts as the next one."""
+    same as separate engine i. A call without a step counts as the next one. With
+    roles.rollout.environment each sample is a multi-turn episode (rlhf.episodes), its turns
+    sampled by the same backend."""
 
     def __init__(self, spec: EngineSpec, engine: int, backend):
         self.spec, self.engine, self.backend = spec, engine, backend
         self.calls = 0
+        env = spec.rollout.environment
+        self.episodes = episodes_for(env, backend.tokenizer) if env is not None else None
 
     def generate(
         self, prompts: PromptBatch, step: int | None = None, sampling: RolloutConfig | None = None
@@ -275,7 +280,13 @@ class SeededSampler:
         self.calls += 1
         tick = self.calls if step is None else step
         seed = self.spec.seed * 1_000_003 + self.engine * 100_003 + tick
-        return self.backend.generate(prompts, sampling or self.spec.rollout, seed)
+        settings = sampling or self.spec.rollout
+        if self.episodes is None:
+            return self.backend.generate(prompts, settings, seed)
+        make_env, tools = self.episodes
+        return sample_episodes(
+            make_env, tools, prompts, settings, self.backend.generate, seed, self.backend.tokenizer
+        )
 
 
 class RolloutGenerator(Worker):

@@ -49,7 +49,7 @@ class VLLMBackend:
             dtype=str(self.dtype).replace("torch.", ""),
             tensor_parallel_size=r.tensor_parallel_size,
             seed=spec.seed,
-            max_model_len=spec.max_length + r.max_new_tokens,
+            max_model_len=spec.max_length + r.episode_tokens,
             trust_remote_code=spec.model.trust_remote_code,
             **kwargs,
         )

@@ -14,6 +14,7 @@ import torch
 from actors.reward import required_fields
 from rlhf.config import RunConfig, dump_config
 from rlhf.data import load_datasets, make_collator
+from rlhf.episodes import episodes_for
 from rlhf.models import check_run_models, count_parameters, load_model, load_tokenizer
 from rlhf.objectives import model_kind, objective_for, reference_logps
 from rlhf.placement import plan_placement
@@ -38,6 +39,10 @@ def run_check(cfg: RunConfig, show_config: bool = False) -> dict[str, float]:
         if ds is not None:
             print(f"-- data: {ds.summary()}")
     if cfg.algorithm == "ppo":
+        env = cfg.roles.rollout.environment
+        if env is not None:  # built once: its tools, their schemas and its arguments
+            episodes_for(env, tokenizer)
+            print(f"-- environment: {env.name} (tools: {', '.join(env.tools) or 'none'})")
         print("-- ppo: prompts validated; no step runs here (the online loop needs its actors)")
         return {}
     kind = model_kind(cfg)

@@ -66,23 +66,32 @@ def _prompt_set(cfg: RunConfig, limit: int | None):
     return [data[i] for i in range(n)], tokenizer
 
 
-def sample(cfg: RunConfig, features, tokenizer, seed: int, n: int = 1) -> list[str]:
+def sample(
+    cfg: RunConfig, features, tokenizer, seed: int, n: int = 1, rollouts: list | None = None
+) -> list[str]:
     """`n` greedy-or-sampled responses per prompt (roles.rollout settings), decoded, each
-    prompt's adjacent."""
+    prompt's adjacent; with roles.rollout.environment each is a multi-turn episode, and the
+    response its last turn (`rollouts` collects the rollouts, for the episodes' counts)."""
     from actors.rollout import HFBackend
     from rlhf.data import make_collator
+    from rlhf.episodes import episodes_for, response_texts, sample_episodes
     from rlhf.roles import engine_spec
 
     backend = HFBackend(engine_spec(cfg), "cpu")
     settings = cfg.roles.rollout.model_copy(update={"n_samples_per_prompt": n})
+    env = settings.environment
+    episodes = episodes_for(env, tokenizer) if env is not None else None
     collate = make_collator("prompt", tokenizer.pad_token_id)
     out = []
     for i in range(0, len(features), 8):
-        r = backend.generate(collate(features[i : i + 8]), settings, seed + i)
-        out += [
-            tokenizer.decode(ids[mask], skip_special_tokens=True)
-            for ids, mask in zip(r.response_ids, r.response_mask.bool(), strict=True)
-        ]
+        batch = collate(features[i : i + 8])
+        if episodes is None:
+            r = backend.generate(batch, settings, seed + i)
+        else:
+            r = sample_episodes(*episodes, batch, settings, backend.generate, seed + i, tokenizer)
+        out += response_texts(r, tokenizer)
+        if rollouts is not None:
+            rollouts.append(r)
     del backend
     return out
 
@@ -207,17 +216,22 @@ def evaluate_rewards(
     prompt (roles.rollout sampling); with verifiable rewards pass@k and mean@n too. `samples`:
     a JSONL file for every response with its reward and verdict."""
     from actors.reward import make_scorer, write_eval_samples
+    from rlhf.episodes import episode_metrics, episode_texts
     from rlhf.roles import reward_spec
+    from rlhf.rollout import merge_rollouts
     from rlhf.verifiers import pass_metrics
 
     features, tokenizer = _prompt_set(cfg, limit)
     n = cfg.roles.rollout.eval_samples_per_prompt
-    responses = sample(cfg, features, tokenizer, seed, n)
+    rollouts: list = []
+    responses = sample(cfg, features, tokenizer, seed, n, rollouts)
+    r = merge_rollouts(rollouts, tokenizer.pad_token_id)
     rows = [f for f in features for _ in range(n)]
     prompts = [f.prompt_text for f in rows]
     scorer = make_scorer(reward_spec(cfg))
     try:
         scored = scorer(prompts, responses, [f.fields for f in rows])
+        scored = scored.plus(r.extras.get("env_reward"))
     finally:
         scorer.close()
     scores = scored.values
@@ -231,9 +245,11 @@ def evaluate_rewards(
         out.update(
             {k.removeprefix("eval/"): v for k, v in pass_metrics(index, scored.correct).items()}
         )
+    out.update(episode_metrics(r.extras))
     if samples is not None:
         samples.unlink(missing_ok=True)
-        write_eval_samples(samples, 0, prompts, rows, responses, scored)
+        episodes = episode_texts(r, tokenizer)
+        write_eval_samples(samples, 0, prompts, rows, responses, scored, episodes)
         print(f"samples written to {samples}")
     return out
 

@@ -55,7 +55,10 @@ def gae(
     """Generalised advantage estimation, Schulman et al. 2016, eqs. 11-16.
 
     δ_t = r_t + γ V_{t+1} - V_t, A_t = δ_t + γλ A_{t+1}, with V and A zero past the end of the
-    response. Returns (advantages, returns = advantages + values), zero outside the mask.
+    response. Steps run over the mask's positions only: in a multi-turn episode the
+    environment's tokens between two turns are not actions, so t+1 is the next turn's first
+    token (its value and advantage pass across the gap). Returns (advantages, returns =
+    advantages + values), zero outside the mask.
     """
     mask = response_mask.to(torch.float32)
     rewards, values = rewards.float() * mask, values.float() * mask
@@ -63,10 +66,13 @@ def gae(
     next_value = torch.zeros_like(rewards[:, 0])
     next_adv = torch.zeros_like(rewards[:, 0])
     for t in reversed(range(rewards.shape[1])):
+        m = mask[:, t]
         delta = rewards[:, t] + gamma * next_value - values[:, t]
-        next_adv = (delta + gamma * lam * next_adv) * mask[:, t]
-        advantages[:, t] = next_adv
-        next_value = values[:, t]
+        adv = (delta + gamma * lam * next_adv) * m
+        advantages[:, t] = adv
+        on = m > 0
+        next_adv = torch.where(on, adv, next_adv)
+        next_value = torch.where(on, values[:, t], next_value)
     return advantages, (advantages + values) * mask
 
 

@@ -155,6 +155,10 @@ class DataConfig(_Section):
     """Prompt data: send plain-string prompts as a user message through the chat template."""
     completion_only_loss: bool = True
     """SFT: train on the completion / assistant tokens only."""
+    tools: list[str] = []
+    """'module:function' tools whose JSON schemas the chat template renders into every
+    conversation (its `tools=`): SFT on tool-use transcripts (messages with tool calls and
+    `tool` results) sees the tools as the episodes of roles.rollout.environment do."""
     num_labels: int = Field(2, ge=1)
     """Classification: number of classes."""
     seed: int = 0
@@ -501,6 +505,52 @@ class CriticConfig(_Section):
     """Placement of the critic ranks."""
 
 
+class EnvironmentConfig(_Section):
+    """Multi-turn rollouts (rlhf.envs, rlhf.episodes): each sample is an episode in which the
+    model and an environment take turns; the trained sequence keeps the model's tokens as
+    generated and the environment's as its chat template adds them (never trained on)."""
+
+    name: str = "tools"
+    """`tools` (the model calls `tools`; a turn without a call is its answer), `single_turn`
+    (one turn: today's rollouts through the episode path), or 'module:Class' of your own
+    (reset(row) -> messages, step(text) -> rlhf.envs.Step), built with `args`."""
+    tools: list[str] = []
+    """'module:function' tools (type hints and a docstring with an Args section: their JSON
+    schemas go to the chat template's `tools=`)."""
+    parser: Literal["hermes"] = "hermes"
+    """Tool-call format read from the model's turns: hermes = `<tool_call>{"name": …,
+    "arguments": {…}}</tool_call>` (Qwen2.5, Hermes and other ChatML-family templates)."""
+    tool_timeout_s: float = Field(5.0, gt=0)
+    """Wall-clock bound of one tool call: past it the model is told it timed out."""
+    max_calls_per_turn: int = Field(4, ge=1)
+    """Tool calls run per turn (more are answered with nothing, counted)."""
+    max_turns: int = Field(4, ge=1)
+    """The model's turns per episode."""
+    max_total_tokens: int | None = Field(None, gt=0)
+    """Tokens after the prompt per episode (the model's and the environment's); each turn is
+    also capped at roles.rollout.max_new_tokens. null = max_turns × max_new_tokens."""
+    args: dict[str, Any] = {}
+    """Keyword arguments of the environment: for `tools`, `system` (a system message) and
+    `examples` (messages of worked exchanges put before each prompt); a 'module:Class' gets
+    them all (and with `tools` set, the functions as `tools=`)."""
+
+    @model_validator(mode="after")
+    def _check(self) -> EnvironmentConfig:
+        name_ok = self.name in ("tools", "single_turn") or re.fullmatch(r"[\w.]+:\w+", self.name)
+        if not name_ok:
+            raise ValueError(
+                f"name must be tools, single_turn or 'package.module:Class', got {self.name!r}"
+            )
+        for tool in self.tools:
+            if not re.fullmatch(r"[\w.]+:\w+", tool):
+                raise ValueError(f"tools: {tool!r} must look like 'package.module:function'")
+        if self.name == "tools" and not self.tools:
+            raise ValueError("name=tools needs tools (e.g. [rlhf.tools:calculator])")
+        if self.name == "single_turn" and self.tools:
+            raise ValueError("name=single_turn takes no tools")
+        return self
+
+
 class RolloutConfig(_Section):
     backend: Literal["auto", "vllm", "hf"] = "auto"
     """auto = vLLM when importable on a GPU, else HF generate."""
@@ -533,6 +583,17 @@ class RolloutConfig(_Section):
     """Asynchronous online training: the engines sample up to this many batches ahead of the policy, so generation overlaps the update; the batch trained at step t comes from weights at most this many updates old (rollout/staleness_*). 0: synchronous, every batch from the current weights. Separate engines only (the hybrid engine samples with the trainer's own weights, so it stays synchronous); pair it with ppo.off_policy_correction."""
     resources: RoleResources = RoleResources()
     """Placement of the rollout engines (separate actors; not with `hybrid`)."""
+    environment: EnvironmentConfig | None = None
+    """Multi-turn rollouts (tool calls, environments); null = one response per sample."""
+
+    @property
+    def episode_tokens(self) -> int:
+        """Tokens after the prompt a sample may take: max_new_tokens, or a multi-turn
+        episode's max_total_tokens."""
+        env = self.environment
+        if env is None or env.name == "single_turn":
+            return self.max_new_tokens
+        return env.max_total_tokens or env.max_turns * self.max_new_tokens
 
 
 class PolicyConfig(_Section):

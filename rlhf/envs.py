@@ -21,6 +21,8 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
+from rlhf.config import ConfigError
+
 Messages = list[dict[str, str]]
 
 
@@ -156,20 +158,29 @@ def run_with_timeout(fn: Callable, arguments: dict, timeout_s: float) -> tuple[b
 class ToolEnv:
     """The model answers a row's prompt, calling `tools` on the way: each turn's tool calls
     are run (at most `max_calls_per_turn`) and answered with one `tool` message each; a turn
-    without a call is the final answer."""
+    without a call is the final answer. `system` (a system message) and `examples` (messages
+    of worked exchanges, e.g. a call, its result and the answer) go before each prompt: a small
+    model that has never seen a tool call may need one to start calling."""
 
     def __init__(
-        self, tools: list[Callable], timeout_s: float = 5.0, max_calls_per_turn: int = 4
+        self,
+        tools: list[Callable],
+        timeout_s: float = 5.0,
+        max_calls_per_turn: int = 4,
+        parser: Callable[[str], list[ToolCall | BadCall]] = parse_tool_calls,
+        system: str | None = None,
+        examples: list[dict] | None = None,
     ) -> None:
         self.tools = {fn.__name__: fn for fn in tools}
-        self.schemas = [tool_schema(fn) for fn in tools]
-        self.timeout_s, self.max_calls = timeout_s, max_calls_per_turn
+        self.timeout_s, self.max_calls, self.parser = timeout_s, max_calls_per_turn, parser
+        self.prefix = [{"role": "system", "content": system}] if system else []
+        self.prefix += [dict(m) for m in examples or []]
 
     def reset(self, row: Mapping[str, Any]) -> Messages:
-        return prompt_messages(row)
+        return self.prefix + prompt_messages(row)
 
     def step(self, assistant: str) -> Step:
-        calls = parse_tool_calls(assistant)
+        calls = self.parser(assistant)
         if not calls:
             return Step([], done=True)
         messages, errors = [], 0
@@ -186,3 +197,72 @@ class ToolEnv:
         if fn is None:
             return False, f"unknown tool {call.name!r} (tools: {', '.join(sorted(self.tools))})"
         return run_with_timeout(fn, call.arguments, self.timeout_s)
+
+
+# ----------------------------------------------------------------------------- from the config
+
+
+class EnvConfigError(ConfigError):
+    """A roles.rollout.environment setting that cannot be built; the message names the key."""
+
+
+def import_object(spec: str, key: str):
+    """'package.module:name' imported, or an error naming the config key and the fix."""
+    import importlib
+
+    module, _, name = spec.partition(":")
+    try:
+        return getattr(importlib.import_module(module), name)
+    except (ImportError, AttributeError) as err:
+        raise EnvConfigError(
+            f"{key}={spec!r} cannot be imported ({err}): give 'package.module:name' of an "
+            "importable module (on the actors' PYTHONPATH too)"
+        ) from None
+
+
+def import_tools(names: list[str], key: str) -> list[Callable]:
+    """'module:function' tools imported, each checked to be a function."""
+    tools = [import_object(name, key) for name in names]
+    for fn in tools:
+        if not callable(fn):
+            raise EnvConfigError(f"{key}: {fn!r} is not a function")
+    return tools
+
+
+def tool_schemas(names: list[str], key: str) -> tuple[dict, ...] | None:
+    """The JSON schemas of 'module:function' tools (None for none), or an error naming `key`."""
+    try:
+        return tuple(tool_schema(fn) for fn in import_tools(names, key)) or None
+    except ValueError as err:
+        if isinstance(err, EnvConfigError):
+            raise
+        raise EnvConfigError(f"{key}: {err}") from None
+
+
+def environment_factory(cfg) -> tuple[Callable[[], Environment], list[dict] | None]:
+    """(a function building one episode's environment, the tools' JSON schemas for the chat
+    template or None) for a roles.rollout.environment section (rlhf.config.EnvironmentConfig)."""
+    key = "roles.rollout.environment"
+    tools = import_tools(cfg.tools, f"{key}.tools")
+    schemas = tool_schemas(cfg.tools, f"{key}.tools")
+    schemas = list(schemas) if schemas else None
+    if cfg.name == "single_turn":
+        return SingleTurn, None
+    if cfg.name == "tools":
+        cls = ToolEnv
+        parser = {"hermes": parse_tool_calls}[cfg.parser]
+        kwargs = {
+            "tools": tools,
+            "timeout_s": cfg.tool_timeout_s,
+            "max_calls_per_turn": cfg.max_calls_per_turn,
+            "parser": parser,
+            **cfg.args,
+        }
+    else:
+        cls = import_object(cfg.name, f"{key}.name")
+        kwargs = dict(cfg.args, **({"tools": tools} if tools else {}))
+    try:
+        cls(**kwargs)  # built once here, so a wrong argument is said before any episode
+    except TypeError as err:
+        raise EnvConfigError(f"{key}.args do not fit {cfg.name}: {err}") from None
+    return (lambda: cls(**kwargs)), schemas

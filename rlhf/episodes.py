@@ -4,26 +4,31 @@ transcripts out, and from them the rollout the trainer takes.
 `run_episodes` drives a batch of episodes turn by turn: the generator produces one assistant
 turn for every episode still running (from its assembled ids, within its remaining token
 budget), each turn is appended as generated, the environment answers it (every finished turn,
-so its counts and rewards include the last one), and its messages are appended as template
+so its counts and rewards include the last one; the turns of a batch are answered
+concurrently, in threads, so slow tools overlap), and its messages are appended as template
 ids. An episode ends when the environment says done (the answer), when a turn is cut at its
 token budget, at `max_turns` (the environment's last messages dropped), or when the next turn
 would have no tokens left (`max_total_tokens` over the whole episode after the prompt).
 
 Turns are generated batch by batch: an episode whose turn ended early waits for the batch's
-slowest turn before its environment steps (per-episode scheduling is the engines' next step).
+slowest turn before it is generated again (continuous batching is the engines' next step).
+
+`sample_episodes` is the engines' entry point (actors.rollout.SeededSampler): a prompt batch
+in, n episodes per prompt, the rollout out with each row's episode counts in `extras`.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 
 from rlhf.data.collate import pad
-from rlhf.envs import Environment
-from rlhf.rollout import Rollout
+from rlhf.envs import Environment, Step, environment_factory, prompt_messages
+from rlhf.rollout import Rollout, response_attention
 from rlhf.transcripts import Transcript, add_environment, add_turn, retokenize_mismatch, start
 
 #: (each running episode's ids, its token budget for this turn) -> per episode (generated ids,
@@ -39,6 +44,12 @@ class Limits:
     """Tokens after the prompt (the model's and the environment's) per episode: no turn of the
     model goes past it; an environment turn that reaches it ends the episode (its template
     ids are kept whole, so they may pass it)."""
+    max_turn_tokens: int | None = None
+    """Tokens of one turn of the model (None: only max_total_tokens bounds it)."""
+
+    def budget(self, used: int) -> int:
+        left = self.max_total_tokens - used
+        return left if self.max_turn_tokens is None else min(left, self.max_turn_tokens)
 
 
 @dataclass
@@ -58,6 +69,30 @@ class Episode:
         return len(self.transcript.ids) - self.prompt_length
 
 
+def episodes_for(env_cfg, tokenizer) -> tuple[Callable[[], Environment], list[dict] | None]:
+    """environment_factory of a roles.rollout.environment section, once the tokenizer is known
+    to render multi-turn conversations (a chat template): said before any episode runs."""
+    from rlhf.data.tokenize import require_chat_template
+
+    built = environment_factory(env_cfg)
+    if env_cfg.name != "single_turn":
+        require_chat_template(tokenizer, "a multi-turn episode")
+    return built
+
+
+def first_transcript(
+    env: Environment, row: Mapping[str, Any], tokenizer, tools, prompt_ids: list[int] | None
+) -> Transcript:
+    """The episode's start: `prompt_ids` (the data pipeline's ids of the row's prompt) when the
+    environment opens with the row's own prompt and no tools are declared, else its first
+    messages through the chat template (with the tools' schemas)."""
+    messages = env.reset(row)
+    if prompt_ids is not None and tools is None and messages == prompt_messages(row):
+        n = len(prompt_ids)
+        return Transcript(list(prompt_ids), [False] * n, [0.0] * n, messages)
+    return start(tokenizer, messages, tools)
+
+
 def run_episodes(
     envs: list[Environment],
     rows: list[Mapping[str, Any]],
@@ -65,47 +100,61 @@ def run_episodes(
     generate: TurnGenerator,
     limits: Limits,
     tools: list[dict] | None = None,
+    prompt_ids: list[list[int]] | None = None,
 ) -> list[Episode]:
-    """One episode per (environment, row), run to its end (see the module docstring)."""
+    """One episode per (environment, row), run to its end (see the module docstring);
+    `prompt_ids`: each row's prompt as the data pipeline tokenised it (see first_transcript)."""
     episodes = []
-    for env, row in zip(envs, rows, strict=True):
-        t = start(tokenizer, env.reset(row), tools)
+    for k, (env, row) in enumerate(zip(envs, rows, strict=True)):
+        t = first_transcript(env, row, tokenizer, tools, prompt_ids[k] if prompt_ids else None)
         episodes.append(Episode(t, len(t.ids)))
     running = list(range(len(episodes)))
-    while running:
-        budgets = [limits.max_total_tokens - episodes[i].used for i in running]
-        turns = generate([episodes[i].transcript.ids for i in running], budgets)
-        still = []
-        for i, (ids, logps, finished) in zip(running, turns, strict=True):
-            e = episodes[i]
-            text = add_turn(e.transcript, tokenizer, ids, logps, finished)
-            if not finished:
-                e.end = "truncated"
-                continue
-            step = envs[i].step(text)
-            e.tool_calls += step.info.get("tool_calls", 0.0)
-            e.tool_errors += step.info.get("tool_errors", 0.0)
-            if step.reward is not None:
-                e.rewards.append(float(step.reward))
-            if step.done:
-                e.end = "answer"
-            elif e.transcript.turns >= limits.max_turns:
-                e.end = "max_turns"
-            else:
-                add_environment(e.transcript, tokenizer, step.messages, tools)
-                if e.used >= limits.max_total_tokens:
-                    e.end = "max_tokens"
+    with ThreadPoolExecutor(max_workers=8, thread_name_prefix="env") as pool:
+        while running:
+            budgets = [limits.budget(episodes[i].used) for i in running]
+            turns = generate([episodes[i].transcript.ids for i in running], budgets)
+            answered: dict[int, Any] = {}
+            for i, (ids, logps, finished) in zip(running, turns, strict=True):
+                e = episodes[i]
+                text = add_turn(e.transcript, tokenizer, ids, logps, finished)
+                if finished:
+                    answered[i] = pool.submit(envs[i].step, text)
                 else:
+                    e.end = "truncated"
+            still = []
+            for i, future in answered.items():
+                if _record(episodes[i], future.result(), tokenizer, limits, tools):
                     still.append(i)
-        running = still
+            running = still
     return episodes
+
+
+def _record(e: Episode, step: Step, tokenizer, limits: Limits, tools) -> bool:
+    """Apply the environment's answer to a finished turn; whether the episode goes on."""
+    e.tool_calls += step.info.get("tool_calls", 0.0)
+    e.tool_errors += step.info.get("tool_errors", 0.0)
+    if step.reward is not None:
+        e.rewards.append(float(step.reward))
+    if step.done:
+        e.end = "answer"
+        return False
+    if e.transcript.turns >= limits.max_turns:
+        e.end = "max_turns"
+        return False
+    add_environment(e.transcript, tokenizer, step.messages, tools)
+    if limits.budget(e.used) <= 0:
+        e.end = "max_tokens"
+        return False
+    return True
 
 
 def engine_turns(generate: Callable, settings, seed: int, pad_id: int) -> TurnGenerator:
     """A TurnGenerator over an engine backend's `generate(PromptBatch, RolloutConfig, seed) ->
     Rollout` (the HF and vLLM backends): the running episodes' ids left-padded into one batch,
     one sample each, up to the largest budget; a turn longer than its own budget is cut there
-    (then unfinished). Each call gets the next seed."""
+    (then unfinished). The first call gets `seed` (a single-turn episode samples as the
+    engine's own rollout would), each later one its own stream (turn k: seed + k·(10^9+7),
+    apart from the seeds of later steps)."""
     from rlhf.types import PromptBatch
 
     calls = [0]
@@ -113,13 +162,13 @@ def engine_turns(generate: Callable, settings, seed: int, pad_id: int) -> TurnGe
     def turns(batch: list[list[int]], budgets: list[int]):
         prompts = PromptBatch(
             pad(batch, pad_id, left=True),
-            pad([[1] * len(ids) for ids in batch], 0, left=True),
+            pad([[True] * len(ids) for ids in batch], False, left=True, dtype=torch.bool),
             torch.arange(len(batch)),
         )
         sampling = settings.model_copy(
             update={"n_samples_per_prompt": 1, "max_new_tokens": max(budgets)}
         )
-        r = generate(prompts, sampling, seed + calls[0])
+        r = generate(prompts, sampling, seed + calls[0] * 1_000_000_007)
         calls[0] += 1
         out = []
         for i, budget in enumerate(budgets):
@@ -132,30 +181,68 @@ def engine_turns(generate: Callable, settings, seed: int, pad_id: int) -> TurnGe
     return turns
 
 
-def episode_metrics(episodes: list[Episode], tokenizer, tools=None) -> dict[str, float]:
+#: Per-row counts a multi-turn rollout carries in Rollout.extras (floats, one per row).
+EXTRAS = (
+    "turns",
+    "tool_calls",
+    "tool_errors",
+    "episode_tokens",
+    "truncated",
+    "retokenize_mismatch",
+    "env_reward",
+    "last_turn_start",
+)
+
+
+def episode_extras(episodes: list[Episode], tokenizer, tools=None) -> dict[str, torch.Tensor]:
+    """Each episode's counts (EXTRAS): turns, tool calls and errors, tokens after the prompt,
+    whether a token limit cut it, whether its ids differ from a re-encoding of the
+    conversation (the drift check), the sum of the environment's rewards, and where its last
+    turn starts in the response (the answer the reward reads)."""
+    rows = {key: [] for key in EXTRAS}
+    for e in episodes:
+        rows["turns"].append(e.transcript.turns)
+        rows["tool_calls"].append(e.tool_calls)
+        rows["tool_errors"].append(e.tool_errors)
+        rows["episode_tokens"].append(e.used)
+        rows["truncated"].append(e.end in ("truncated", "max_tokens"))
+        drift = retokenize_mismatch(e.transcript, tokenizer, tools, after=e.prompt_length)
+        rows["retokenize_mismatch"].append(drift is not None)
+        rows["env_reward"].append(sum(e.rewards))
+        rows["last_turn_start"].append(e.transcript.turn_spans[-1][0] - e.prompt_length)
+    return {key: torch.tensor(values, dtype=torch.float64) for key, values in rows.items()}
+
+
+def episode_metrics(extras: dict[str, torch.Tensor]) -> dict[str, float]:
     """rollout/turns, /tool_calls (per episode), /tool_error_rate (errors per call),
-    /episode_tokens (after the prompt), /truncated (fraction cut by a token limit) and
-    /retokenize_mismatch (fraction whose ids differ from a re-encoding of the conversation)."""
-    n = len(episodes)
-    calls = sum(e.tool_calls for e in episodes)
-    drift = sum(retokenize_mismatch(e.transcript, tokenizer, tools) is not None for e in episodes)
-    return {
-        "rollout/turns": sum(e.transcript.turns for e in episodes) / n,
-        "rollout/tool_calls": calls / n,
-        "rollout/tool_error_rate": sum(e.tool_errors for e in episodes) / calls if calls else 0.0,
-        "rollout/episode_tokens": sum(e.used for e in episodes) / n,
-        "rollout/truncated": sum(e.end in ("truncated", "max_tokens") for e in episodes) / n,
-        "rollout/retokenize_mismatch": drift / n,
-    }
+    /episode_tokens (after the prompt), /truncated (fraction cut by a token limit),
+    /retokenize_mismatch (fraction whose ids differ from a re-encoding of the conversation)
+    and /env_reward (the environment's rewards per episode) of a rollout's extras."""
+    if not extras:
+        return {}
+    calls = float(extras["tool_calls"].sum())
+    mean = {k: float(extras[k].mean()) for k in EXTRAS if k != "last_turn_start"}
+    mean["tool_error_rate"] = float(extras["tool_errors"].sum()) / calls if calls else 0.0
+    del mean["tool_errors"]
+    return {f"rollout/{k}": v for k, v in mean.items()}
 
 
-def to_rollout(episodes: list[Episode], prompt_index: list[int], pad_id: int) -> Rollout:
+def to_rollout(
+    episodes: list[Episode], prompt_index: list[int], pad_id: int, extras=None
+) -> Rollout:
     """The episodes as a Rollout: the first prompt left-padded, everything after it (turns and
-    environment messages) as the response, masked to the model's ids, with their log-probs."""
+    environment messages) as the response, masked to the model's ids, with their log-probs.
+    An environment turn that ended an episode (no turn of the model after it) is left out:
+    nothing after it is trained."""
     prompts = [e.transcript.ids[: e.prompt_length] for e in episodes]
-    rest = [e.transcript.ids[e.prompt_length :] for e in episodes]
-    masks = [e.transcript.mask[e.prompt_length :] for e in episodes]
-    logps = [e.transcript.logps[e.prompt_length :] for e in episodes]
+    ends = [e.transcript.turn_spans[-1][1] for e in episodes]
+    rest = [e.transcript.ids[e.prompt_length : end] for e, end in zip(episodes, ends, strict=True)]
+    masks = [
+        e.transcript.mask[e.prompt_length : end] for e, end in zip(episodes, ends, strict=True)
+    ]
+    logps = [
+        e.transcript.logps[e.prompt_length : end] for e, end in zip(episodes, ends, strict=True)
+    ]
     return Rollout(
         pad(prompts, pad_id, left=True),
         pad([[True] * len(p) for p in prompts], False, left=True, dtype=torch.bool),
@@ -164,4 +251,59 @@ def to_rollout(episodes: list[Episode], prompt_index: list[int], pad_id: int) ->
         pad(logps, 0.0, dtype=torch.float32),
         ["length" if e.end in ("truncated", "max_tokens") else "stop" for e in episodes],
         torch.tensor(prompt_index, dtype=torch.long),
+        extras or {},
     )
+
+
+def sample_episodes(
+    make_env: Callable[[], Environment],
+    tools: list[dict] | None,
+    prompts,
+    settings,
+    generate: Callable,
+    seed: int,
+    tokenizer,
+) -> Rollout:
+    """An engine's rollout of a PromptBatch as episodes: n_samples_per_prompt episodes per row
+    (each with its own environment), turns sampled by the backend's `generate` (engine_turns),
+    the rollout with each row's counts in extras. With the single-turn environment this is
+    the engine's own rollout, token for token (the first turn gets the same seed and batch)."""
+    env_cfg = settings.environment
+    n = settings.n_samples_per_prompt
+    single = env_cfg is None or env_cfg.name == "single_turn"
+    limits = Limits(
+        1 if single else env_cfg.max_turns, settings.episode_tokens, settings.max_new_tokens
+    )
+    mask = prompts.attention_mask.bool()
+    ids = [row[m].tolist() for row, m in zip(prompts.input_ids, mask, strict=True)]
+    rows = [row for row in prompts.rows for _ in range(n)]
+    envs = [make_env() for _ in rows]
+    pad_id = tokenizer.pad_token_id
+    turns = engine_turns(generate, settings, seed, pad_id)
+    episodes = run_episodes(
+        envs, rows, tokenizer, turns, limits, tools, [x for x in ids for _ in range(n)]
+    )
+    index = prompts.index.repeat_interleave(n).tolist()
+    return to_rollout(episodes, index, pad_id, episode_extras(episodes, tokenizer, tools))
+
+
+def response_texts(r: Rollout, tokenizer) -> list[str]:
+    """Each row's response text for the reward: a multi-turn episode's last turn (its
+    answer), a single-turn response whole; special tokens dropped."""
+    starts = r.extras.get("last_turn_start")
+    rows = []
+    for k, (row, m) in enumerate(zip(r.response_ids, r.response_mask.bool(), strict=True)):
+        if starts is not None:
+            row, m = row[int(starts[k]) :], m[int(starts[k]) :]
+        rows.append(row[m].tolist())
+    return tokenizer.batch_decode(rows, skip_special_tokens=True)
+
+
+def episode_texts(r: Rollout, tokenizer) -> list[str] | None:
+    """A multi-turn rollout's whole episodes after the prompt (tool calls, the environment's
+    messages, template tokens kept), for the logs; None for a single-turn rollout."""
+    if not r.extras:
+        return None
+    attended = response_attention(r.response_mask)
+    rows = [row[m].tolist() for row, m in zip(r.response_ids, attended, strict=True)]
+    return tokenizer.batch_decode(rows, skip_special_tokens=False)

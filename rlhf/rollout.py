@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -25,8 +25,11 @@ class Rollout:
     """Responses for a prompt batch, n samples per prompt adjacent (prompt i -> rows i*n..i*n+n-1).
 
     prompt_ids: [B*n, P] left-padded; response_ids: [B*n, R] right-padded with pad_id;
-    response_mask: [B*n, R]; logps: [B*n, R] (0 outside the mask); finish: "stop" | "length";
-    prompt_index: [B*n] dataset index of each row's prompt.
+    response_mask: [B*n, R], the model's tokens (a multi-turn episode's response holds the
+    environment's tokens too, between its turns: attended, outside the mask); logps: [B*n, R]
+    (0 outside the mask); finish: "stop" | "length"; prompt_index: [B*n] dataset index of each
+    row's prompt; extras: per-row tensors [B*n] of a multi-turn rollout (rlhf.episodes:
+    turns, tool calls, the environment's rewards ...), empty for a single-turn one.
     """
 
     prompt_ids: torch.Tensor
@@ -36,6 +39,7 @@ class Rollout:
     logps: torch.Tensor
     finish: list[str]
     prompt_index: torch.Tensor
+    extras: dict[str, torch.Tensor] = field(default_factory=dict)
 
 
 def merge_rollouts(parts: list[Rollout], pad_id: int) -> Rollout:
@@ -57,6 +61,7 @@ def merge_rollouts(parts: list[Rollout], pad_id: int) -> Rollout:
         right([p.logps for p in parts], 0.0),
         [f for p in parts for f in p.finish],
         torch.cat([p.prompt_index for p in parts]),
+        {k: torch.cat([p.extras[k] for p in parts]) for k in parts[0].extras},
     )
 
 
@@ -71,13 +76,22 @@ def select_rows(r: Rollout, rows: list[int]) -> Rollout:
         r.logps[index],
         [r.finish[i] for i in rows],
         r.prompt_index[index],
+        {k: v[index] for k, v in r.extras.items()},
     )
+
+
+def response_attention(response_mask: torch.Tensor) -> torch.Tensor:
+    """The response positions a forward attends to: up to each row's last model token, so the
+    environment's tokens between a multi-turn episode's turns count (the same as the mask
+    for a single-turn response, whose model tokens are a prefix)."""
+    mask = response_mask.bool()
+    return mask.flip(1).cummax(1).values.flip(1)
 
 
 def sequences(r: Rollout) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(input_ids, attention_mask) [B, T] and the action mask [B, T-1] of a rollout."""
     ids = torch.cat([r.prompt_ids, r.response_ids], dim=1)
-    attention = torch.cat([r.prompt_mask, r.response_mask], dim=1)
+    attention = torch.cat([r.prompt_mask, response_attention(r.response_mask)], dim=1)
     action = torch.zeros(ids.shape[0], ids.shape[1] - 1, dtype=torch.bool)
     width = r.prompt_ids.shape[1]
     action[:, width - 1 : width - 1 + r.response_ids.shape[1]] = r.response_mask
@@ -120,7 +134,11 @@ def save_rollouts(stem: Path, items: list[tuple[int, int, Rollout]]) -> None:
             value = getattr(r, f.name)
             if isinstance(value, torch.Tensor):
                 tensors[f"{n}.{f.name}"] = value.contiguous()
-        meta.append({"step": step, "version": version, "finish": list(r.finish)})
+        for key, value in r.extras.items():
+            tensors[f"{n}.extras.{key}"] = value.contiguous()
+        meta.append(
+            {"step": step, "version": version, "finish": list(r.finish), "extras": list(r.extras)}
+        )
     save_file(tensors, str(stem.with_suffix(".safetensors")))
     stem.with_suffix(".json").write_text(json.dumps(meta))
 
@@ -133,6 +151,8 @@ def load_rollouts(stem: Path) -> list[tuple[int, int, Rollout]]:
         fields = {
             f.name: m["finish"] if f.name == "finish" else tensors[f"{n}.{f.name}"]
             for f in dataclasses.fields(Rollout)
+            if f.name != "extras"
         }
+        fields["extras"] = {k: tensors[f"{n}.extras.{k}"] for k in m.get("extras", [])}
         out.append((m["step"], m["version"], Rollout(**fields)))
     return out

@@ -109,14 +109,26 @@ def add_environment(t: Transcript, tokenizer, messages: list[dict], tools=None) 
     t.messages += [dict(m) for m in messages]
 
 
-def retokenize_mismatch(t: Transcript, tokenizer, tools=None) -> int | None:
+def retokenize_mismatch(t: Transcript, tokenizer, tools=None, after: int = 0) -> int | None:
     """The first position where the assembled ids differ from a re-encoding of the decoded
     conversation through the chat template, or None when they agree (no drift). The
     re-encoding may go on past the assembled ids (the template closes a last assistant turn
-    the model cut short): only the assembled length is compared."""
+    the model cut short): only the assembled length is compared. `after`: compare from that
+    position on only (the prompt's ids came from elsewhere, e.g. the data pipeline, which
+    renders a plain-text prompt without the template): the re-encoding's part after the
+    prompt's messages. Without a chat template there is nothing to compare with: None."""
+    if not getattr(tokenizer, "chat_template", None):
+        return None
     generation_prompt = bool(t.messages) and t.messages[-1]["role"] != "assistant"
     again = render_ids(tokenizer, t.messages, generation_prompt, tools)
-    for i, (a, b) in enumerate(zip(t.ids, again, strict=False)):
+    if after:
+        first = next(
+            (i for i, m in enumerate(t.messages) if m["role"] == "assistant"), len(t.messages)
+        )
+        head = render_ids(tokenizer, t.messages[:first], True, tools)
+        again = again[len(head) :]
+    ids = t.ids[after:]
+    for i, (a, b) in enumerate(zip(ids, again, strict=False)):
         if a != b:
-            return i
-    return None if len(again) >= len(t.ids) else len(again)
+            return after + i
+    return None if len(again) >= len(ids) else after + len(again)

@@ -101,11 +101,14 @@ class ClassificationBatch(_Batch):
 
 @dataclass(frozen=True)
 class PromptBatch(_Batch):
-    """Left-padded prompts for generation: input_ids, attention_mask [B, T]; index [B]."""
+    """Left-padded prompts for generation: input_ids, attention_mask [B, T]; index [B]; rows:
+    each prompt's row, {"prompt": its text or messages, **its other fields} (what a
+    multi-turn environment starts from)."""
 
     input_ids: torch.Tensor
     attention_mask: torch.Tensor
     index: torch.Tensor
+    rows: tuple[dict, ...] = ()
 
 
 @dataclass(frozen=True)

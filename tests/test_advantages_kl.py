@@ -618,3 +618,30 @@ def test_explained_variance_matches_reference_and_extremes():
     assert_close(explained_variance(torch.tensor([[1.0, 2.0, 2.0]]), R, full), 2 / 3)
     # nothing counted: finite
     assert torch.isfinite(explained_variance(values, returns, torch.zeros(4, 6, dtype=torch.bool)))
+
+
+@pytest.mark.parametrize(("gamma", "lam"), [(1.0, 0.95), (0.9, 0.8), (1.0, 1.0)])
+def test_gae_steps_over_the_environments_tokens(gamma, lam):
+    """A multi-turn response [turn 1, environment ids, turn 2]: GAE over it equals GAE over
+    the model's tokens alone (the environment's ids removed), and is 0 on the gap, so the
+    final reward reaches the first turn."""
+    g = gen(11)
+    rewards, values = torch.randn(2, 9, generator=g), torch.randn(2, 9, generator=g)
+    mask = torch.tensor(
+        [[1, 1, 1, 0, 0, 1, 1, 0, 0], [1, 0, 0, 0, 1, 1, 1, 1, 0]], dtype=torch.bool
+    )
+    rewards = torch.where(mask, rewards, torch.full_like(rewards, 1e3))  # garbage in the gaps
+    values = torch.where(mask, values, torch.full_like(values, -1e3))
+    adv, ret = gae(rewards, values, mask, gamma, lam)
+    for b in range(2):
+        keep = mask[b]
+        n = int(keep.sum())
+        a, r = gae(rewards[b][keep][None], values[b][keep][None], torch.ones(1, n), gamma, lam)
+        assert_close(adv[b][keep], a[0].tolist(), rtol=1e-6, atol=1e-6)
+        assert_close(ret[b][keep], r[0].tolist(), rtol=1e-6, atol=1e-6)
+        assert torch.equal(adv[b][~keep], torch.zeros(int((~keep).sum())))
+    # by hand: rewards [0, gap, 1], V = 0, γ = 0.9, λ = 1: A = [0.9, 0, 1]
+    r = torch.tensor([[0.0, 5.0, 1.0]])
+    m = torch.tensor([[1, 0, 1]], dtype=torch.bool)
+    assert_close(gae(r, torch.zeros(1, 3), m, 0.9, 1.0)[0], [[0.9, 0.0, 1.0]])
+    assert_close(discounted_returns(r, m, 0.9), [[0.9, 0.0, 1.0]])

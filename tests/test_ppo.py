@@ -33,9 +33,8 @@ def rlhf_train(config: Path | str, *overrides: str) -> subprocess.CompletedProce
     return result
 
 
-@pytest.fixture(scope="module")
-def sft_model(tmp_path_factory) -> Path:
-    out = tmp_path_factory.mktemp("sft")
+def train_sft_tiny(out: Path) -> Path:
+    """The tiny policy SFT'd briefly on the builtin reviews (it learns to end its responses)."""
     rlhf_train(
         "configs/quickstart/sft_tiny.yaml",
         f"output_dir={out}",
@@ -44,6 +43,11 @@ def sft_model(tmp_path_factory) -> Path:
         "data.eval=null",
     )
     return out / "final"
+
+
+@pytest.fixture(scope="module")
+def sft_model(tmp_path_factory) -> Path:
+    return train_sft_tiny(tmp_path_factory.mktemp("sft"))
 
 
 def ppo_config(tmp_path: Path, model: Path, **sections) -> Path:
@@ -217,9 +221,15 @@ def test_hybrid_engine_matches_separate_engines_on_two_ranks(sft_model, tmp_path
     """roles.rollout.hybrid samples in the policy's own actors with the trainer's weights (no
     copy, no sync). Two policy ranks, RLOO with the KL in the reward and 2 PPO epochs (so the
     old log-probs are a forward on the same actors): every metric of every step equals the run
-    with two separate engines fed by weight sync, to the last bit, and no rollout actor runs."""
+    with two separate engines fed by weight sync, to the last bit, and no rollout actor runs.
+    A third run samples through the multi-turn episode path with the single-turn environment
+    (rlhf.episodes): every metric equals too, bit for bit, beside the episode counts it adds."""
     runs = {}
-    for name, hybrid in (("separate", "false"), ("hybrid", "true")):
+    for name, hybrid, *extra in (
+        ("separate", "false"),
+        ("hybrid", "true"),
+        ("episodes", "true", "roles.rollout.environment.name=single_turn"),
+    ):
         out = tmp_path / name
         out.mkdir()
         rlhf_train(
@@ -229,13 +239,18 @@ def test_hybrid_engine_matches_separate_engines_on_two_ranks(sft_model, tmp_path
             "roles.rollout.resources.ranks_per_node=2",
             "train.micro_batch_size=4",
             "train.max_steps=3",
+            *extra,
         )
         runs[name] = (rows(out), json.loads((out / "out" / "actors.json").read_text()))
     (separate, separate_pids), (hybrid, hybrid_pids) = runs["separate"], runs["hybrid"]
-    assert len(hybrid) == len(separate) == 3
-    for a, b in zip(separate, hybrid, strict=True):
+    episodes = runs["episodes"][0]
+    assert len(hybrid) == len(separate) == len(episodes) == 3
+    for a, b, c in zip(separate, hybrid, episodes, strict=True):
         compared = {k: v for k, v in a.items() if not k.startswith(("timing/", "perf/", "time"))}
         assert compared == {k: b[k] for k in compared}, a["step"]
+        assert compared == {k: c[k] for k in compared}, a["step"]
+        assert c["rollout/turns"] == 1.0 and c["rollout/env_reward"] == 0.0
+        assert all(k.startswith("rollout/") for k in set(c) - set(a))
     assert hybrid_pids["rollout"] == hybrid_pids["policy"] and len(hybrid_pids["policy"]) == 2
     assert not set(separate_pids["rollout"]) & set(separate_pids["policy"])
 
@@ -298,12 +313,16 @@ def test_async_grpo_keeps_staleness_bounded_and_learns(sft_model, tmp_path, k):
     assert last > first + 0.5, (first, last)
 
 
-def test_async_with_a_critic_on_two_policy_ranks_and_two_engines(sft_model, tmp_path):
+def test_async_multi_turn_with_a_critic_on_two_policy_ranks_and_two_engines(sft_model, tmp_path):
     """max_staleness=1 with PPO + critic (GAE, two epochs: π_old recomputed on the current
-    weights), two policy ranks, two critic ranks and two engines: every step trains on the
-    batch of the previous weights, each engine's log-probs differ from the trainer's from
-    step 2 on (they sampled with older weights) and agree at step 1, and every role's idle
-    time is logged."""
+    weights), two policy ranks, two critic ranks and two engines, each sample a multi-turn
+    episode (tests.envs:Nudge: "Go on." after the first turn, 0.1 per turn). Every step trains
+    on the batch of the previous weights; at step 1 (the same weights) the trainer's
+    teacher-forced log-probs of the assembled episodes equal the engine's at every generated
+    token (the tokens trained on are the tokens sampled, across the environment's turns), and
+    from step 2 they differ (older weights sampled); every role's idle time is logged; the
+    reward reads each episode's last turn and adds the environment's rewards; the batches
+    in flight are checkpointed with their episode counts."""
     rlhf_train(
         ppo_config(tmp_path, sft_model, ppo={"estimator": "gae"}),
         "roles.rollout.max_staleness=1",
@@ -311,18 +330,50 @@ def test_async_with_a_critic_on_two_policy_ranks_and_two_engines(sft_model, tmp_
         "roles.policy.resources.ranks_per_node=2",
         "roles.critic.resources.ranks_per_node=2",
         "roles.rollout.resources.ranks_per_node=2",
+        "roles.rollout.environment.name=tests.envs:Nudge",
+        "roles.rollout.environment.max_turns=3",
+        "roles.rollout.environment.args={turns: 2, per_turn: 0.1}",
+        "data.eval_fraction=0.02",
+        "checkpoint.every_steps=2",
         "train.micro_batch_size=4",
         "train.max_steps=4",
     )
     r = rows(tmp_path)
-    assert len(r) == 4
-    assert_one_step_stale(r)
-    assert_idle_within_steps(r, ("policy", "rollout", "critic", "reference"))
-    for t, x in enumerate(r):
+    train = [x for x in r if "reward/mean" in x]
+    assert len(train) == 4
+    assert_one_step_stale(train)
+    assert_idle_within_steps(train, ("policy", "rollout", "critic", "reference"))
+    for t, x in enumerate(train):
         assert (x["rollout/is_weight_mean"] == pytest.approx(1.0, abs=1e-5)) == (t == 0)
         assert math.isfinite(x["value/loss"]) and math.isfinite(x["policy/loss"])
+        assert 1.0 <= x["rollout/turns"] <= 2.0 and x["rollout/tool_calls"] == 0.0
+        assert 0.0 <= x["rollout/retokenize_mismatch"] <= 1.0
+        # environment ids are in the episode, not in the trained (masked) response
+        assert x["rollout/episode_tokens"] >= x["response/length"]
+    assert train[0]["rollout/logp_gap_max"] < 1e-4
+    assert any(x["rollout/turns"] > 1 for x in train), "no episode reached a second turn"
     pids = json.loads((tmp_path / "out" / "actors.json").read_text())
     assert [len(pids[role]) for role in ("policy", "critic", "rollout")] == [2, 2, 2]
+    # Held-out episodes: the reward is positive_words of the last turn + 0.1 per turn the
+    # environment answered (every turn that ended with EOS).
+    from tests.reward_fns import positive_words
+
+    samples = [
+        json.loads(x) for x in (tmp_path / "out" / "eval_samples.jsonl").read_text().splitlines()
+    ]
+    assert samples and all("episode" in s for s in samples)
+    second = 0
+    for s in samples:
+        answered = s["episode"].count("Go on.") + s["episode"].endswith("<|im_end|>")
+        second += "Go on." in s["episode"]
+        assert "Go on." not in s["response"]
+        want = positive_words([""], [s["response"]])[0] + 0.1 * answered
+        assert s["reward"] == pytest.approx(want, abs=1e-5), s
+    assert second, "no held-out episode reached a second turn"
+    from rlhf.rollout import INFLIGHT, load_rollouts
+
+    (_, _, batch), *_ = load_rollouts(tmp_path / "out" / "checkpoints" / "step_2" / INFLIGHT)
+    assert {"turns", "env_reward", "last_turn_start"} <= set(batch.extras)
 
 
 def test_grpo_learns_in_bf16_and_reports_the_engine_gap(sft_model, tmp_path):

@@ -22,7 +22,7 @@ from rlhf.envs import (
     run_with_timeout,
     tool_schema,
 )
-from rlhf.episodes import Limits, episode_metrics, run_episodes, to_rollout
+from rlhf.episodes import Limits, episode_extras, episode_metrics, run_episodes, to_rollout
 from rlhf.transcripts import (
     TemplateError,
     add_environment,
@@ -259,7 +259,7 @@ def test_episodes_end_as_documented_and_lay_out_as_a_rollout(tok):
     assert [e.tool_errors for e in episodes] == [0.0, 1.0, 0.0, 0.0]
     assert episodes[0].transcript.messages[2] == {"role": "tool", "content": "5"}
     assert episodes[3].used == 6 and episodes[3].transcript.truncated
-    m = episode_metrics(episodes, tok)
+    m = episode_metrics(episode_extras(episodes, tok))
     assert m["rollout/turns"] == 2.0 and m["rollout/tool_calls"] == 1.25
     assert m["rollout/tool_error_rate"] == 0.2 and m["rollout/truncated"] == 0.25
     assert m["rollout/retokenize_mismatch"] == 0.0
@@ -359,3 +359,128 @@ def test_episodes_on_the_hf_engine_keep_its_tokens_and_log_probs(tiny_path, tok)
         # the episode)
         assert e.transcript.turn_spans[-1][1] - e.prompt_length <= 40
         assert e.used <= 40 or e.end == "max_tokens"
+
+
+def favour_eos_hook(model, eos: int, boost: float = 5.0) -> None:
+    """The random tiny model rarely ends a turn: +boost on the EOS logit."""
+
+    def hook(module, args, logits):
+        logits[..., eos] += boost
+        return logits
+
+    model.lm_head.register_forward_hook(hook)
+
+
+def prompt_batch(tok, prompts: list, fields: list[dict] | None = None):
+    from rlhf.data.collate import PromptCollator
+    from rlhf.data.tokenize import PromptFeatures
+
+    feats = []
+    for i, p in enumerate(prompts):
+        text = p if isinstance(p, str) else tok.apply_chat_template(p, tokenize=False)
+        ids = render_ids(tok, p, True) if not isinstance(p, str) else ids_of(tok, p)
+        feats.append(PromptFeatures(i, ids, text, (fields or [{}] * len(prompts))[i], p))
+    return PromptCollator(tok.pad_token_id)(feats)
+
+
+def test_single_turn_episodes_reproduce_the_engine_bit_for_bit(tiny_path, tok):
+    """The single-turn environment through the episode path gives the engine's own rollout:
+    the same prompt ids, sampled ids, masks, log-probs and finish reasons, bit for bit (the
+    same seed and batch), for n samples per prompt, rows that stop and rows cut at the limit."""
+    from actors.rollout import HFBackend
+    from rlhf.config import EnvironmentConfig, RolloutConfig, build_config
+    from rlhf.episodes import sample_episodes
+    from rlhf.roles import engine_spec
+
+    cfg = build_config(
+        {
+            "algorithm": "ppo",
+            "model": {"name_or_path": str(tiny_path)},
+            "roles": {"reward": {"type": "function", "function": "a:b"}},
+        }
+    )
+    backend = HFBackend(engine_spec(cfg), "cpu")
+    favour_eos_hook(backend.model, tok.eos_token_id, 4.0)
+    batch = prompt_batch(tok, ["Review the film", "Hi", [{"role": "user", "content": "Tell me"}]])
+    plain = RolloutConfig(n_samples_per_prompt=3, max_new_tokens=10)
+    settings = plain.model_copy(update={"environment": EnvironmentConfig(name="single_turn")})
+    want = backend.generate(batch, plain, 1234)
+    got = sample_episodes(SingleTurn, None, batch, settings, backend.generate, 1234, tok)
+    assert set(want.finish) == {"stop", "length"}  # both kinds of row are covered
+    for name in ("prompt_ids", "prompt_mask", "response_ids", "response_mask", "prompt_index"):
+        a, b = getattr(want, name), getattr(got, name)
+        assert a.dtype == b.dtype and torch.equal(a, b), name
+    assert torch.equal(want.logps, got.logps) and want.finish == got.finish
+    assert got.extras["turns"].tolist() == [1.0] * 9
+    # the drift check, recomputed: a random model's samples often do not re-encode to the
+    # same ids (what training on a decoded-and-re-encoded transcript would silently change)
+    for k in range(9):
+        generated = want.response_ids[k][want.response_mask[k]].tolist()
+        generated = [i for i in generated if i != tok.eos_token_id]
+        again = ids_of(tok, tok.decode(generated, skip_special_tokens=True))
+        drift = again[: len(generated)] != generated
+        assert got.extras["retokenize_mismatch"][k].item() == float(drift), k
+    assert 0 < got.extras["retokenize_mismatch"].sum() < 9
+    assert got.extras["truncated"].tolist() == [float(f == "length") for f in want.finish]
+
+
+def test_an_episode_ended_by_its_environment_turn_and_its_sequences(tok):
+    """Two turns, then an environment turn that reaches max_total_tokens: the episode ends
+    (max_tokens) and that last environment turn is left out of the rollout; the forward
+    attends to the environment's ids between the turns, the loss does not count them, and the
+    reward reads the last turn only."""
+    from rlhf.rollout import sequences
+
+    generate, prompts = scripted(tok, [[CALL, CALL, "never reached"]])
+    rows = [{"prompt": "q"}]
+    prompts += [render_ids(tok, [{"role": "user", "content": "q"}], True)]
+    call_ids = len(ids_of(tok, CALL)) + 1
+    env_ids = len(environment_turn_ids(tok, [{"role": "tool", "content": "5"}]))
+    total = 2 * call_ids + env_ids + 1  # the second environment turn passes it
+    episodes = run_episodes([ToolEnv([add])], rows, tok, generate, Limits(5, total))
+    e = episodes[0]
+    assert e.end == "max_tokens" and e.transcript.turns == 2
+    extras = episode_extras(episodes, tok)
+    r = to_rollout(episodes, [0], tok.pad_token_id, extras)
+    assert r.finish == ["length"]
+    width = 2 * call_ids + env_ids
+    assert r.response_ids.shape[1] == width  # the second environment turn is not in it
+    assert extras["last_turn_start"].tolist() == [call_ids + env_ids]
+    _, attention, action = sequences(r)
+    p = r.prompt_ids.shape[1]
+    assert bool(attention[0].all())
+    gap = range(p - 1 + call_ids, p - 1 + call_ids + env_ids)  # action column t scores t+1
+    assert not any(bool(action[0, j]) for j in gap)
+    assert int(action[0].sum()) == 2 * call_ids
+    m = episode_metrics(extras)
+    assert m["rollout/turns"] == 2.0 and m["rollout/truncated"] == 1.0
+    assert m["rollout/tool_calls"] == 2.0 and m["rollout/tool_error_rate"] == 0.0
+
+
+def test_rollout_extras_survive_merge_select_and_a_checkpoint(tmp_path):
+    from rlhf.rollout import Rollout, load_rollouts, merge_rollouts, save_rollouts, select_rows
+
+    def part(k: int, extras: bool) -> Rollout:
+        return Rollout(
+            torch.full((2, 3), k),
+            torch.ones(2, 3, dtype=torch.bool),
+            torch.full((2, 4), k),
+            torch.tensor([[1, 1, 0, 1], [1, 0, 0, 0]], dtype=torch.bool),
+            torch.full((2, 4), -0.1 * k),
+            ["stop", "length"],
+            torch.tensor([k, k]),
+            {"turns": torch.tensor([2.0, 1.0]) + k, "env_reward": torch.tensor([0.7, 0.1])}
+            if extras
+            else {},
+        )
+
+    merged = merge_rollouts([part(1, True), part(2, True)], pad_id=0)
+    assert merged.extras["turns"].tolist() == [3.0, 2.0, 4.0, 3.0]
+    picked = select_rows(merged, [3, 0])
+    assert picked.extras["turns"].tolist() == [3.0, 3.0]
+    assert picked.extras["env_reward"].tolist() == pytest.approx([0.1, 0.7])
+    save_rollouts(tmp_path / "inflight", [(5, 4, picked), (6, 5, part(3, False))])
+    (s1, v1, back), (_, _, plain) = load_rollouts(tmp_path / "inflight")
+    assert (s1, v1) == (5, 4) and plain.extras == {}
+    assert back.extras.keys() == picked.extras.keys()
+    assert all(torch.equal(back.extras[k], picked.extras[k]) for k in picked.extras)

@@ -114,3 +114,58 @@ def test_async_online_loop_on_vllm(tiny_path, tmp_path):
     gaps = [x["rollout/logp_gap_mean"] for x in r]
     print(f"vLLM engine <-> trainer log-prob gap per step: {gaps}")
     assert gaps[0] < min(gaps[1:]), gaps
+
+
+def test_multi_turn_episodes_on_vllm_equal_hf_and_keep_the_engines_log_probs(tmp_path_factory):
+    """Multi-turn episodes (tests.envs:Nudge: "Go on." after the first turn) on the vLLM
+    engine, with a tiny policy SFT'd to end its turns: greedy episodes are the HF engine's,
+    id for id; sampled ones hold vLLM's log-prob at every generated position, equal to the
+    trainer's teacher-forced log-prob of the assembled sequence there (within 1e-3), and none
+    on the environment's ids."""
+    from actors.rollout import HFBackend
+    from actors.rollout_vllm import VLLMBackend
+    from rlhf.config import load_config
+    from rlhf.envs import environment_factory
+    from rlhf.episodes import sample_episodes
+    from rlhf.models import load_tokenizer
+    from rlhf.objectives import token_logps
+    from rlhf.roles import engine_spec
+    from rlhf.rollout import sequences
+    from tests.test_ppo import train_sft_tiny
+
+    policy = train_sft_tiny(tmp_path_factory.mktemp("sft"))
+    cfg = load_config(
+        None,
+        [
+            "algorithm=ppo",
+            f"model.name_or_path={policy}",
+            "data.max_length=64",
+            "roles.reward.type=function",
+            "roles.reward.function=tests.reward_fns:positive_words",
+            "roles.rollout.max_new_tokens=24",
+            "roles.rollout.temperature=0",
+            "roles.rollout.gpu_memory_utilization=0.1",
+            "roles.rollout.environment.name=tests.envs:Nudge",
+            "roles.rollout.environment.max_turns=3",
+        ],
+    )
+    tok = load_tokenizer(cfg.model)
+    prompts = _prompts(cfg, tok, n=4)
+    make_env, tools = environment_factory(cfg.roles.rollout.environment)
+    hf = HFBackend(engine_spec(cfg), "cpu")
+    vl = VLLMBackend(engine_spec(cfg), "cpu")
+    greedy = cfg.roles.rollout
+    a = sample_episodes(make_env, tools, prompts, greedy, hf.generate, 1, tok)
+    b = sample_episodes(make_env, tools, prompts, greedy, vl.generate, 1, tok)
+    assert torch.equal(a.response_mask, b.response_mask)
+    assert torch.equal(a.response_ids, b.response_ids) and a.finish == b.finish
+    assert a.extras["turns"].max() == 2, "no episode reached its second turn"
+    sampled = greedy.model_copy(update={"temperature": 1.0, "n_samples_per_prompt": 2})
+    r = sample_episodes(make_env, tools, prompts, sampled, vl.generate, 7, tok)
+    ids, attention, _ = sequences(r)  # the trainer's layout: prompt, then the episode
+    with torch.no_grad():
+        forced = token_logps(hf.model, ids, attention)[:, r.prompt_ids.shape[1] - 1 :]
+    diff = (forced - r.logps).abs()[r.response_mask].max().item()
+    print(f"max |vLLM - trainer| log-prob difference over episodes: {diff:.2e}")
+    assert diff < 1e-3
+    assert float(r.logps[~r.response_mask].abs().sum()) == 0.0

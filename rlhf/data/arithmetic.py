@@ -6,10 +6,14 @@ to sharpen.
 
 Rows are {prompt, answer}; the held-out split (test) is a fixed fifth of the problems, never
 seen in train.
+
+builtin:calculator — products of two-digit numbers, for tool use (the calculator recipe):
+prompt rows {prompt, answer, a, b}, and SFT rows that are whole tool-use transcripts.
 """
 
 from __future__ import annotations
 
+import json
 import random
 from collections.abc import Iterator
 from typing import Any
@@ -52,3 +56,53 @@ def arithmetic_preset(row: dict[str, Any], fmt: str, index: int) -> dict[str, An
     if fmt == "sft":
         return {"prompt": row["prompt"], "completion": row["answer"]}
     raise DataError(f"builtin:arithmetic gives prompt or sft rows, not {fmt}")
+
+
+# ----------------------------------------------------------------------------- builtin:calculator
+
+#: The calculator task's question: two-digit products, beyond what a small model computes in
+#: its head (SmolLM2-135M-Instruct: none of 64 samples right), trivial with the tool.
+CALCULATOR_QUESTION = "What is {a} * {b}? Use the calculator, then answer with just the number."
+
+#: builtin:calculator's problems per split (seeded, disjoint).
+CALCULATOR_SIZES = {"train": 200, "test": 48}
+
+
+def calculator_problems() -> dict[str, list[tuple[int, int]]]:
+    """Distinct products a * b of two-digit numbers (11..99), seeded, split train / test."""
+    pairs = [(a, b) for a in range(11, 100) for b in range(11, 100)]
+    random.Random("calculator/pairs").shuffle(pairs)
+    train = CALCULATOR_SIZES["train"]
+    return {"train": pairs[:train], "test": pairs[train : train + CALCULATOR_SIZES["test"]]}
+
+
+def calculator_call(expression: str) -> str:
+    """An assistant turn calling rlhf.tools:calculator, in the Hermes format."""
+    body = json.dumps({"name": "calculator", "arguments": {"expression": expression}})
+    return f"<tool_call>\n{body}\n</tool_call>"
+
+
+def calculator_rows(split: str) -> Iterator[dict[str, Any]]:
+    """Rows {prompt, answer, a, b} of split train or test."""
+    if split not in CALCULATOR_SIZES:
+        raise DataError(f"builtin:calculator has splits ['test', 'train'], not {split!r}")
+    for a, b in calculator_problems()[split]:
+        yield {"prompt": CALCULATOR_QUESTION.format(a=a, b=b), "answer": str(a * b), "a": a, "b": b}
+
+
+def calculator_preset(row: dict[str, Any], fmt: str, index: int) -> dict[str, Any]:
+    """Prompt rows carry their answer; SFT rows are the whole tool-use transcript: the call,
+    the tool's result and the answer (the assistant turns are trained)."""
+    if fmt == "prompt":
+        return row
+    if fmt == "sft":
+        expression = f"{row['a']} * {row['b']}"
+        return {
+            "messages": [
+                {"role": "user", "content": row["prompt"]},
+                {"role": "assistant", "content": calculator_call(expression)},
+                {"role": "tool", "content": row["answer"]},
+                {"role": "assistant", "content": row["answer"]},
+            ]
+        }
+    raise DataError(f"builtin:calculator gives prompt or sft rows, not {fmt}")

@@ -120,7 +120,8 @@ class PromptCollator:
         ids = [f.prompt_ids for f in features]
         attention = pad([[True] * len(x) for x in ids], False, left=True, dtype=torch.bool)
         index = _index(features)
-        return PromptBatch(pad(ids, self.pad_id, left=True), attention, index)
+        rows = tuple({**f.fields, "prompt": f.prompt} for f in features)
+        return PromptBatch(pad(ids, self.pad_id, left=True), attention, index, rows)
 
 
 class UnpairedCollator:

@@ -19,6 +19,7 @@ from rlhf.data.quarantine import DataError, Quarantine, RowError, where
 from rlhf.data.sources import read_rows
 from rlhf.data.synthetic import builtin_preset
 from rlhf.data.tokenize import FEATURIZERS, Tokenizer, TokenizeSettings, require_chat_template
+from rlhf.envs import tool_schemas
 
 log = logging.getLogger(__name__)
 
@@ -87,7 +88,11 @@ def load_split(
     """Read, validate and tokenise one dataset source for the given row format (`required`:
     see load_datasets)."""
     settings = TokenizeSettings(
-        data.max_length, data.prompt_limit, data.truncation_mode, data.completion_only_loss
+        data.max_length,
+        data.prompt_limit,
+        data.truncation_mode,
+        data.completion_only_loss,
+        tool_schemas(data.tools, "data.tools"),
     )
     t = Tokenizer(tokenizer, settings)
     featurize = FEATURIZERS[fmt]

@@ -12,7 +12,7 @@ import random
 from collections.abc import Iterator
 from typing import Any
 
-from rlhf.data.arithmetic import arithmetic, arithmetic_preset
+from rlhf.data.arithmetic import arithmetic, arithmetic_preset, calculator_preset, calculator_rows
 from rlhf.data.quarantine import DataError
 
 _FIRST = [
@@ -146,7 +146,11 @@ def reviews_preset(row: dict[str, Any], fmt: str, index: int) -> dict[str, Any]:
 
 
 #: builtin:<name> -> (rows of a split, the row mapping per format).
-BUILTINS = {"reviews": (reviews, reviews_preset), "arithmetic": (arithmetic, arithmetic_preset)}
+BUILTINS = {
+    "reviews": (reviews, reviews_preset),
+    "arithmetic": (arithmetic, arithmetic_preset),
+    "calculator": (calculator_rows, calculator_preset),
+}
 
 
 def builtin_rows(name: str, split: str) -> Iterator[dict[str, Any]]:

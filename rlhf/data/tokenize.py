@@ -31,6 +31,8 @@ class TokenizeSettings:
     prompt_limit: int
     truncation_mode: str = "keep_end"
     completion_only_loss: bool = True
+    tools: tuple[dict, ...] | None = None
+    """JSON schemas of tools the chat template renders into every conversation (data.tools)."""
 
 
 # ----------------------------------------------------------------------------- features
@@ -58,6 +60,8 @@ class PromptFeatures:
     prompt_text: str
     fields: dict = field(default_factory=dict)
     """The row's other fields (PromptRow.fields), for the reward and the logs."""
+    prompt: Text | None = None
+    """The row's prompt as given (text or messages): where a multi-turn episode starts."""
 
 
 @dataclass(frozen=True)
@@ -88,20 +92,23 @@ def require_chat_template(tokenizer, where: str) -> None:
         )
 
 
-def _render(tokenizer, messages: Messages, generation_prompt: bool) -> str:
+def _render(tokenizer, messages: Messages, generation_prompt: bool, tools=None) -> str:
     return tokenizer.apply_chat_template(
-        list(messages), tokenize=False, add_generation_prompt=generation_prompt
+        list(messages),
+        tools=list(tools) if tools else None,
+        tokenize=False,
+        add_generation_prompt=generation_prompt,
     )
 
 
-def render_prompt(tokenizer, prompt: Text) -> str:
-    return _render(tokenizer, prompt, True) if is_conversation(prompt) else prompt
+def render_prompt(tokenizer, prompt: Text, tools=None) -> str:
+    return _render(tokenizer, prompt, True, tools) if is_conversation(prompt) else prompt
 
 
-def render_response(tokenizer, prompt: Messages, response: Messages, field: str) -> str:
+def render_response(tokenizer, prompt: Messages, response: Messages, field: str, tools=None) -> str:
     """The text the template adds for `response` after the rendered prompt."""
-    prompt_text = _render(tokenizer, prompt, True)
-    full = _render(tokenizer, tuple(prompt) + tuple(response), False)
+    prompt_text = _render(tokenizer, prompt, True, tools)
+    full = _render(tokenizer, tuple(prompt) + tuple(response), False, tools)
     if not full.startswith(prompt_text):
         raise RowError(
             field,
@@ -110,21 +117,21 @@ def render_response(tokenizer, prompt: Messages, response: Messages, field: str)
     return full[len(prompt_text) :]
 
 
-def conversation_segments(tokenizer, messages: Messages) -> list[tuple[str, bool]]:
+def conversation_segments(tokenizer, messages: Messages, tools=None) -> list[tuple[str, bool]]:
     """(text, is_assistant) pieces whose concatenation is the rendered conversation."""
     segments, done = [], ""
     for i, message in enumerate(messages):
         if message["role"] != "assistant":
             continue
-        before = _render(tokenizer, messages[:i], True)
-        upto = _render(tokenizer, messages[: i + 1], False)
+        before = _render(tokenizer, messages[:i], True, tools)
+        upto = _render(tokenizer, messages[: i + 1], False, tools)
         if not (before.startswith(done) and upto.startswith(before)):
             raise RowError(
                 "messages", "the chat template does not render each turn as a prefix of the next"
             )
         segments += [(before[len(done) :], False), (upto[len(before) :], True)]
         done = upto
-    rest = _render(tokenizer, messages, False)[len(done) :]
+    rest = _render(tokenizer, messages, False, tools)[len(done) :]
     if rest:
         segments.append((rest, False))
     return [s for s in segments if s[0]]
@@ -151,14 +158,14 @@ class Tokenizer:
         return self.tok(text, add_special_tokens=False)["input_ids"]
 
     def prompt_ids(self, prompt: Text) -> list[int]:
-        ids = self.ids(render_prompt(self.tok, prompt))
+        ids = self.ids(render_prompt(self.tok, prompt, self.settings.tools))
         if self.bos is not None and (not ids or ids[0] != self.bos):
             ids = [self.bos, *ids]
         return self.truncate_prompt(ids)
 
     def response_ids(self, prompt: Text, response: Text, field: str) -> list[int]:
         if is_conversation(response):
-            return self.ids(render_response(self.tok, prompt, response, field))
+            return self.ids(render_response(self.tok, prompt, response, field, self.settings.tools))
         return [*self.ids(response), self.eos]
 
     def truncate_prompt(self, ids: list[int]) -> list[int]:
@@ -214,7 +221,7 @@ def preference_features(t: Tokenizer, row: PreferenceRow, index: int) -> Prefere
 
 def sft_features(t: Tokenizer, row: SFTRow, index: int) -> SFTFeatures:
     if row.messages is not None:
-        segments = conversation_segments(t.tok, row.messages)
+        segments = conversation_segments(t.tok, row.messages, t.settings.tools)
         ids, mask = [], []
         for text, trained in segments:
             piece = t.ids(text)
@@ -244,7 +251,11 @@ def sft_features(t: Tokenizer, row: SFTRow, index: int) -> SFTFeatures:
 
 def prompt_features(t: Tokenizer, row: PromptRow, index: int) -> PromptFeatures:
     return PromptFeatures(
-        index, t.prompt_ids(row.prompt), render_prompt(t.tok, row.prompt), row.fields
+        index,
+        t.prompt_ids(row.prompt),
+        render_prompt(t.tok, row.prompt, t.settings.tools),
+        row.fields,
+        row.prompt,
     )
 
 
