@@ -1,8 +1,9 @@
 """The `rlhf` command.
 
 rlhf train CONFIG [key=value ...]  run a config on Ray (a local cluster, or the one in RAY_ADDRESS)
-rlhf quickstart [--task reasoning] the README's main job: PPO for positive reviews (no GPU, no network);
-                                   --task reasoning: GRPO with a verifiable reward on arithmetic
+rlhf quickstart [--task T]         the README's main job: PPO for positive reviews (no GPU, no network);
+                                   --task reasoning: GRPO with a verifiable reward on arithmetic;
+                                   --task tools: SFT then GRPO over calculator tool-use episodes
 rlhf check CONFIG [key=value ...]  dry run: config, data (with quarantine), models, loss on one batch
 rlhf config CONFIG [key=value ...] print the resolved config (secrets redacted)
 rlhf prepare-assets [--smollm2]    build the offline models into the cache
@@ -93,17 +94,21 @@ def _run_training(args, cfg) -> int:
     return 0
 
 
+def _run_pipeline(args, path) -> int:
+    from actors.pipeline import run_pipeline
+
+    _pin_threads()
+    pipeline = load_pipeline(path, args.overrides)
+    args.output_dir = pipeline.out
+    summaries = run_pipeline(pipeline)
+    for name, summary in summaries.items():
+        print(f"stage {name}: final model in {summary['final_model']}")
+    return 0
+
+
 def cmd_train(args) -> int:
     if is_pipeline_file(args.config):
-        from actors.pipeline import run_pipeline
-
-        _pin_threads()
-        pipeline = load_pipeline(args.config, args.overrides)
-        args.output_dir = pipeline.out
-        summaries = run_pipeline(pipeline)
-        for name, summary in summaries.items():
-            print(f"stage {name}: final model in {summary['final_model']}")
-        return 0
+        return _run_pipeline(args, args.config)
     return _run_training(args, load_config(args.config, args.overrides))
 
 
@@ -115,11 +120,15 @@ QUICKSTART = Path(__file__).with_name("quickstart.yaml")
 QUICKSTARTS = {
     "reviews": QUICKSTART,
     "reasoning": Path(__file__).with_name("quickstart_reasoning.yaml"),
+    "tools": Path(__file__).parent / "quickstart_tools" / "pipeline.yaml",
 }
 
 
 def cmd_quickstart(args) -> int:
-    return _run_training(args, load_config(QUICKSTARTS[args.task], args.overrides))
+    path = QUICKSTARTS[args.task]
+    if is_pipeline_file(path):
+        return _run_pipeline(args, path)
+    return _run_training(args, load_config(path, args.overrides))
 
 
 def cmd_prepare_assets(args) -> int:
@@ -176,7 +185,8 @@ def build_parser() -> argparse.ArgumentParser:
         choices=sorted(QUICKSTARTS),
         default="reviews",
         help="reviews (default): GRPO for positive film reviews; reasoning: GRPO with a "
-        "verifiable reward on arithmetic problems (pass@k)",
+        "verifiable reward on arithmetic problems (pass@k); tools: a short SFT, then GRPO over "
+        "multi-turn episodes calling a calculator tool",
     )
     p.set_defaults(fn=cmd_quickstart)
     p = sub.add_parser("prepare-assets", help="build the offline builtin models into the cache")

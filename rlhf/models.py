@@ -68,9 +68,27 @@ def resolve_attn(name: str, device: str | torch.device = "cpu") -> str:
     return "sdpa"
 
 
+#: model.chat_template: builtin:NAME -> rlhf/templates/NAME.jinja (shipped with the package).
+TEMPLATES = Path(__file__).with_name("templates")
+
+
 def _read_template(value: str) -> str:
-    path = Path(value)
-    return path.read_text(encoding="utf-8") if value.endswith(".jinja") and path.exists() else value
+    """A Jinja template given inline, as a .jinja file, or as builtin:NAME."""
+    if value.startswith("builtin:"):
+        path = TEMPLATES / f"{value.removeprefix('builtin:')}.jinja"
+        if not path.exists():
+            names = ", ".join(sorted("builtin:" + p.stem for p in TEMPLATES.glob("*.jinja")))
+            raise ConfigError(f"model.chat_template={value!r}: no such template (have {names})")
+        return path.read_text(encoding="utf-8")
+    if value.endswith(".jinja"):
+        path = Path(value)
+        if not path.exists():
+            raise ConfigError(
+                f"model.chat_template={value!r}: no such file (a path is read relative to the "
+                "directory the run starts in)"
+            )
+        return path.read_text(encoding="utf-8")
+    return value
 
 
 def load_tokenizer(cfg: ModelConfig, padding_side: str = "right"):

@@ -113,7 +113,7 @@ def test_sft_on_tool_transcripts_renders_the_tools_and_trains_the_assistant_turn
     from rlhf.data.arithmetic import calculator_rows
     from rlhf.models import load_tokenizer
 
-    template = Path(__file__).resolve().parents[1] / "configs/templates/chatml_tools.jinja"
+    template = Path(__file__).resolve().parents[1] / "rlhf/templates/chatml_tools.jinja"
     tok = load_tokenizer(ModelConfig(name_or_path=str(tiny_path), chat_template=str(template)))
     data = DataConfig(
         train={"path": "builtin:calculator", "split": "train", "limit": 3},
@@ -141,3 +141,48 @@ def test_builtin_calculator_splits_are_disjoint_and_right():
     for r in train + test:
         assert int(r["answer"]) == r["a"] * r["b"] and 11 <= r["a"] <= 99
         assert r["prompt"].startswith(f"What is {r['a']} * {r['b']}?")
+
+
+def test_the_tools_quickstart_resolves_and_its_template_only_appends(tiny_path):
+    """`rlhf quickstart --task tools`: an SFT stage on tool-use transcripts (data.tools), then
+    GRPO over calculator episodes from its model; builtin:chatml_tools renders the tools and
+    extends a conversation token-exactly (the multi-turn check accepts it)."""
+    from launch.cli import QUICKSTARTS
+    from rlhf.config import ModelConfig
+    from rlhf.models import load_tokenizer
+    from rlhf.pipeline import load_pipeline
+    from rlhf.transcripts import environment_turn_ids
+
+    sft, grpo = load_pipeline(QUICKSTARTS["tools"], []).stages
+    assert sft.config.algorithm == "sft" and sft.config.data.tools == ["rlhf.tools:calculator"]
+    env = grpo.config.roles.rollout.environment
+    assert env.name == "tools" and env.tools == sft.config.data.tools
+    assert grpo.config.model.name_or_path == str(sft.final)
+    tok = load_tokenizer(
+        ModelConfig(name_or_path=str(tiny_path), chat_template="builtin:chatml_tools")
+    )
+    schemas = [tool_schema(calculator)]
+    extra = tok.decode(environment_turn_ids(tok, [{"role": "tool", "content": "42"}], schemas))
+    assert (
+        extra
+        == "\n<|im_start|>user\n<tool_response>\n42\n</tool_response><|im_end|>\n<|im_start|>assistant\n"
+    )
+    system = tok.apply_chat_template(
+        [{"role": "user", "content": "q"}], tools=schemas, tokenize=False
+    )
+    assert '"name": "calculator"' in system and "<tool_call>" in system
+
+
+@pytest.mark.parametrize(
+    ("value", "message"),
+    [
+        ("builtin:nope", r"no such template \(have builtin:chatml_tools\)"),
+        ("missing/t.jinja", "no such file"),
+    ],
+)
+def test_a_chat_template_that_is_not_there_is_an_error(tiny_path, value, message):
+    from rlhf.config import ModelConfig
+    from rlhf.models import load_tokenizer
+
+    with pytest.raises(ConfigError, match=message):
+        load_tokenizer(ModelConfig(name_or_path=str(tiny_path), chat_template=value))

@@ -290,7 +290,9 @@ def test_off_policy_correction_is_the_identity_when_the_engine_agrees(
             assert x["policy/total_loss"] == pytest.approx(want, rel=1e-5, abs=1e-7)
 
 
-@pytest.mark.parametrize("k", [1, 2])
+# k = 1's bound is asserted by the async multi-turn critic test below and by the quickstart's
+# test (test_cli); k = 2, the staler case, is the one run here for learning (CI time).
+@pytest.mark.parametrize("k", [2])
 def test_async_grpo_keeps_staleness_bounded_and_learns(sft_model, tmp_path, k):
     """roles.rollout.max_staleness=k: step t trains on a batch sampled by the weights of
     version max(t - k, 0) (t updates done), never older, and the run still learns."""
