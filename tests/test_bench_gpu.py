@@ -106,7 +106,12 @@ def fake_execute(behaviour: dict[str, str]):
                 "timing/idle/rollout": 0.1,
                 **(
                     {"reward/accuracy": 0.1 * s, "timing/reward": 0.004}
-                    if run.config == gpu.REASONING_CONFIG
+                    if run.config in (gpu.REASONING_CONFIG, gpu.TOOLS_CONFIG)
+                    else {}
+                ),
+                **(
+                    {"rollout/tool_calls": 0.5 + 0.1 * s, "rollout/tool_error_rate": 0.3 / s}
+                    if run.config == gpu.TOOLS_CONFIG
                     else {}
                 ),
             }
@@ -131,6 +136,8 @@ def test_rows_and_isolation_of_failures(tmp_path, monkeypatch):
         "sync-hf": "ok",
         "async-hf": "ok",
         "reasoning-hf": "ok",
+        "tools-sft": "ok",
+        "tools-hf": "ok",
     }
     monkeypatch.setattr(gpu, "execute", fake_execute(behaviour))
     monkeypatch.setattr(gpu, "prepare_assets", lambda model: None)
@@ -154,6 +161,18 @@ def test_rows_and_isolation_of_failures(tmp_path, monkeypatch):
     reasoning = rows["reasoning demo (hf)"]
     assert reasoning[3] == "OK" and "training accuracy 0.10 -> 0.50" in reasoning[2]
     assert "timing/reward 0.004 s" in reasoning[2]
+    tools = rows["tool-use demo (hf)"]
+    assert tools[3] == "OK" and "tool calls/episode 0.60 -> 1.00" in tools[2]
+    assert "tool error rate 0.30 -> 0.06" in tools[2] and "accuracy 0.10 -> 0.50" in tools[2]
+
+
+def test_a_failed_preparing_run_fails_its_check(tmp_path, monkeypatch):
+    """The tools check's SFT run crashing fails the row, naming that run's log."""
+    (tools,) = [c for c in gpu.plan(gpu.QUICK, 1, tmp_path / "work", False) if c.name == "tools"]
+    (tmp_path / "work").mkdir()
+    monkeypatch.setattr(gpu, "execute", fake_execute({"tools-sft": "crash", "tools-hf": "ok"}))
+    result, status, _ = gpu.run_check(tools, tmp_path / "work", timeout_s=10)
+    assert status == "FAILED" and "tools-sft.log" in result
 
 
 def test_generation_worker_on_cpu(tmp_path):

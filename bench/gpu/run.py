@@ -18,6 +18,9 @@ Checks (`--only` takes these names, and may be repeated):
     reasoning   the reasoning quickstart (`rlhf quickstart --task reasoning`: GRPO with a
                 verifiable reward on builtin:arithmetic, async k=1) on GPU 0, HF backend:
                 step time, training accuracy, timing/reward and idle per role
+    tools       the tool-use quickstart (`rlhf quickstart --task tools`) on GPU 0, HF backend:
+                its SFT stage, then GRPO over multi-turn calculator episodes from that model:
+                step time, tool calls per episode, tool error rate and training accuracy
 
 The training checks are `python -m launch train CONFIG key=value ...` subprocesses, read back
 from the run's summary.json and metrics.jsonl. The generation check builds each backend in a
@@ -64,11 +67,13 @@ ROOT = Path(__file__).resolve().parents[2]
 DPO_CONFIG = Path("configs/quickstart/dpo_smollm2.yaml")
 ONLINE_CONFIG = Path("launch/quickstart.yaml")
 REASONING_CONFIG = Path("launch/quickstart_reasoning.yaml")
+TOOLS_SFT_CONFIG = Path("launch/quickstart_tools/sft.yaml")
+TOOLS_CONFIG = Path("launch/quickstart_tools/grpo.yaml")
 NO_GPU = "no CUDA GPU: nothing to run; see bench/gpu/README.md"
 RESULT_TAG = "BENCH_GPU_RESULT "
 #: Steps left out of step-time and phase means (summary.json's samples_per_s leaves out 2 too).
 WARMUP = 2
-CHECKS = ("zero2", "zero3", "qlora", "generation", "sync", "async", "reasoning")
+CHECKS = ("zero2", "zero3", "qlora", "generation", "sync", "async", "reasoning", "tools")
 #: The async check's overrides on top of the sync check's (HF backend).
 ASYNC = ("roles.rollout.max_staleness=1", "ppo.off_policy_correction=tis")
 #: --model: the name shown in the table and the overrides of every run. builtin:tiny (a
@@ -193,18 +198,14 @@ def plan(p: Profile, gpus: int, work: Path, have_vllm: bool, model: str = "smoll
     if not extra:
         return checks
     # builtin:tiny's tokenizer has no chat template: its online prompts go in as plain text.
+    # (The tools check's template is its own, and its GRPO run starts from its SFT run's model.)
     online = (*extra, "data.chat_prompts=false")
+    per_config = {ONLINE_CONFIG: online, REASONING_CONFIG: online, TOOLS_CONFIG: ()}
     return [
         dataclasses.replace(
             c,
             runs=tuple(
-                dataclasses.replace(
-                    r,
-                    overrides=(
-                        *r.overrides,
-                        *(online if r.config in (ONLINE_CONFIG, REASONING_CONFIG) else extra),
-                    ),
-                )
+                dataclasses.replace(r, overrides=(*r.overrides, *per_config.get(r.config, extra)))
                 for r in c.runs
             ),
         )
@@ -303,6 +304,40 @@ def _plan(p: Profile, gpus: int, work: Path, have_vllm: bool, model: str) -> lis
             f"`rlhf quickstart --task reasoning` on {model} (GRPO, verifiable reward, 4 problems "
             f"x 4 samples, async k=1); policy 0.4 + rollout 0.4 of GPU 0; {p.online_steps} steps",
             (Run("reasoning-hf", REASONING_CONFIG, tuple(reasoning)),),
+        )
+    )
+    sft = work / "tools-sft"
+    tools = [
+        o for o in sync_overrides(work / "tools-hf", p.online_steps, "hf") if "reference" not in o
+    ]
+    checks.append(
+        Check(
+            "tools",
+            "tool-use demo (hf)",
+            f"`rlhf quickstart --task tools` on {model}: its 4-step SFT, then GRPO over calculator "
+            f"episodes (2 problems x 4 samples, up to 3 turns, async k=1); policy 0.4 + rollout "
+            f"0.4 of GPU 0; {p.online_steps} steps",
+            (
+                Run(
+                    "tools-sft",
+                    TOOLS_SFT_CONFIG,
+                    (
+                        f"output_dir={sft}",
+                        "logging.progress=false",
+                        "train.precision=bf16",
+                        "roles.policy.resources.gpus_per_rank=0.5",
+                    ),
+                ),
+                Run(
+                    "tools-hf",
+                    TOOLS_CONFIG,
+                    (
+                        *tools,
+                        f"model.name_or_path={sft / 'final'}",
+                        "model.num_parameters=134500000",
+                    ),
+                ),
+            ),
         )
     )
     return checks
@@ -578,6 +613,24 @@ def read_async(o: Outcome) -> str:
     )
 
 
+def read_tools(o: Outcome) -> str:
+    """The tool-use demo's GRPO run: read_async's step and idle times, and its episodes' tool
+    calls, tool error rate and training accuracy (first and last step)."""
+    rows = [r for r in read_metrics(o.run.out) if "rollout/tool_calls" in r]
+    line = read_async(o)
+    if not rows:
+        return line
+    first, last = rows[0], rows[-1]
+
+    def moved(key: str) -> str:
+        return f"{first[key]:.2f} -> {last[key]:.2f}"
+
+    return (
+        f"{line}; tool calls/episode {moved('rollout/tool_calls')}, tool error rate "
+        f"{moved('rollout/tool_error_rate')}, training accuracy {moved('reward/accuracy')}"
+    )
+
+
 def read_reasoning(o: Outcome) -> str:
     """The reasoning demo: read_async's step and idle times, and the verifiable reward's
     training accuracy (first and last step) and scoring time."""
@@ -612,10 +665,16 @@ def run_check(check: Check, work: Path, timeout_s: float) -> tuple[str, str, lis
         if check.name == "generation":
             got = {o.run.worker["backend"]: read_generation(o) for o in outcomes}
             return (*generation_result(got, check.missing), outcomes)
-        reader = {"sync": read_sync, "async": read_async, "reasoning": read_reasoning}.get(
-            check.name, read_train
-        )
-        return reader(outcomes[0]), OK, outcomes
+        readers = {
+            "sync": read_sync,
+            "async": read_async,
+            "reasoning": read_reasoning,
+            "tools": read_tools,
+        }
+        for o in outcomes[:-1]:  # a check's earlier runs prepare its last (read) one
+            if o.rc != 0:
+                raise RunFailed(o)
+        return readers.get(check.name, read_train)(outcomes[-1]), OK, outcomes
     except RunFailed as err:
         _show_tail(err.outcome.log)
         return str(err), FAILED, outcomes
