@@ -14,6 +14,7 @@ from __future__ import annotations
 import importlib.util
 import inspect
 import logging
+from collections.abc import Callable
 
 import torch
 
@@ -91,7 +92,17 @@ class HFBackend:
         return self.model.named_parameters()
 
     @torch.no_grad()
-    def generate(self, prompts: PromptBatch, s: RolloutConfig, seed: int) -> Rollout:
+    def generate(
+        self,
+        prompts: PromptBatch,
+        s: RolloutConfig,
+        seed: int,
+        on_finish: Callable[[int, list[int]], None] | None = None,
+    ) -> Rollout:
+        """`on_finish(row, ids)`: called as soon as a row has sampled its EOS (its ids, EOS
+        included) while the others still decode (the lean loop only; `generate` reports
+        nothing early): what lets a multi-turn episode's environment step while the batch's
+        slowest turn is still being sampled."""
         n = s.n_samples_per_prompt
         ids = prompts.input_ids.to(self.device).repeat_interleave(n, 0)
         mask = prompts.attention_mask.to(self.device).repeat_interleave(n, 0)
@@ -114,7 +125,7 @@ class HFBackend:
                 "matches stop strings, not the lean decode loop (slower)",
             )
         if self.lean and not s.stop:
-            response, logits = self._decode(ids, mask, s)
+            response, logits = self._decode(ids, mask, s, on_finish)
         else:
             out = self.model.generate(
                 input_ids=ids,
@@ -142,7 +153,7 @@ class HFBackend:
         )
 
     def _decode(
-        self, ids: torch.Tensor, mask: torch.Tensor, s: RolloutConfig
+        self, ids: torch.Tensor, mask: torch.Tensor, s: RolloutConfig, on_finish=None
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Sample (greedy at temperature 0) up to max_new_tokens: response ids [B, R] (pad after
         a row's EOS, as generate) and the raw logits [B, R, V] of each step, in float32."""
@@ -177,7 +188,12 @@ class HFBackend:
                 chosen = self.draw(torch.softmax(scores, -1))
             chosen = torch.where(finished, torch.full_like(chosen, pad), chosen)
             tokens.append(chosen)
-            finished |= torch.isin(chosen, self.eos_ids)
+            ended = torch.isin(chosen, self.eos_ids) & ~finished
+            finished |= ended
+            if on_finish is not None and bool(ended.any()):
+                sampled = torch.stack(tokens, 1)
+                for row in ended.nonzero().flatten().tolist():
+                    on_finish(row, sampled[row].tolist())
             if bool(finished.all()) or step + 1 == s.max_new_tokens:
                 break
             mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)

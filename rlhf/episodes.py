@@ -10,8 +10,9 @@ ids. An episode ends when the environment says done (the answer), when a turn is
 token budget, at `max_turns` (the environment's last messages dropped), or when the next turn
 would have no tokens left (`max_total_tokens` over the whole episode after the prompt).
 
-Turns are generated batch by batch: an episode whose turn ended early waits for the batch's
-slowest turn before it is generated again (continuous batching is the engines' next step).
+Turns are generated batch by batch. An engine that reports a turn as soon as it has ended (the
+HF backend's decode loop does) lets its environment step at once, in a thread, while the
+batch's slower turns are still sampled; the episode's next turn still waits for the batch.
 
 `sample_episodes` is the engines' entry point (actors.rollout.SeededSampler): a prompt batch
 in, n episodes per prompt, the rollout out with each row's episode counts in `extras`.
@@ -31,9 +32,10 @@ from rlhf.envs import Environment, Step, environment_factory, prompt_messages
 from rlhf.rollout import Rollout, response_attention
 from rlhf.transcripts import Transcript, add_environment, add_turn, retokenize_mismatch, start
 
-#: (each running episode's ids, its token budget for this turn) -> per episode (generated ids,
-#: the engine's log-prob of each, whether the turn ended with EOS).
-TurnGenerator = Callable[[list[list[int]], list[int]], list[tuple[list[int], list[float], bool]]]
+#: (each running episode's ids, its token budget for this turn, optionally a callback
+#: `ended(k, ids)` for a turn k that ended with EOS within its budget while others still run)
+#: -> per episode (generated ids, the engine's log-prob of each, whether it ended with EOS).
+TurnGenerator = Callable[..., list[tuple[list[int], list[float], bool]]]
 
 
 @dataclass(frozen=True)
@@ -112,18 +114,24 @@ def run_episodes(
     with ThreadPoolExecutor(max_workers=8, thread_name_prefix="env") as pool:
         while running:
             budgets = [limits.budget(episodes[i].used) for i in running]
-            turns = generate([episodes[i].transcript.ids for i in running], budgets)
             answered: dict[int, Any] = {}
+
+            def ended(k: int, ids: list[int], running=running, answered=answered) -> None:
+                """A turn that ended while the batch still samples: its environment steps now."""
+                text = tokenizer.decode(ids, skip_special_tokens=True)
+                answered[running[k]] = pool.submit(envs[running[k]].step, text)
+
+            turns = generate([episodes[i].transcript.ids for i in running], budgets, ended)
             for i, (ids, logps, finished) in zip(running, turns, strict=True):
                 e = episodes[i]
                 text = add_turn(e.transcript, tokenizer, ids, logps, finished)
-                if finished:
+                if finished and i not in answered:
                     answered[i] = pool.submit(envs[i].step, text)
-                else:
+                elif not finished:
                     e.end = "truncated"
-            still = []
-            for i, future in answered.items():
-                if _record(episodes[i], future.result(), tokenizer, limits, tools):
+            still = []  # in episode order, whichever turn ended first: the next batch's rows
+            for i in (i for i in running if i in answered):
+                if _record(episodes[i], answered[i].result(), tokenizer, limits, tools):
                     still.append(i)
             running = still
     return episodes
@@ -154,12 +162,16 @@ def engine_turns(generate: Callable, settings, seed: int, pad_id: int) -> TurnGe
     one sample each, up to the largest budget; a turn longer than its own budget is cut there
     (then unfinished). The first call gets `seed` (a single-turn episode samples as the
     engine's own rollout would), each later one its own stream (turn k: seed + k·(10^9+7),
-    apart from the seeds of later steps)."""
+    apart from the seeds of later steps). A backend whose generate takes `on_finish` (HF)
+    reports each turn that ends within its budget while the batch still samples."""
+    import inspect
+
     from rlhf.types import PromptBatch
 
     calls = [0]
+    streams = "on_finish" in inspect.signature(generate).parameters
 
-    def turns(batch: list[list[int]], budgets: list[int]):
+    def turns(batch: list[list[int]], budgets: list[int], ended=None):
         prompts = PromptBatch(
             pad(batch, pad_id, left=True),
             pad([[True] * len(ids) for ids in batch], False, left=True, dtype=torch.bool),
@@ -168,7 +180,16 @@ def engine_turns(generate: Callable, settings, seed: int, pad_id: int) -> TurnGe
         sampling = settings.model_copy(
             update={"n_samples_per_prompt": 1, "max_new_tokens": max(budgets)}
         )
-        r = generate(prompts, sampling, seed + calls[0] * 1_000_000_007)
+        seed_k = seed + calls[0] * 1_000_000_007
+        if streams and ended is not None:
+
+            def on_finish(k: int, ids: list[int]) -> None:
+                if len(ids) <= budgets[k]:  # cut at its own budget, it did not end
+                    ended(k, ids)
+
+            r = generate(prompts, sampling, seed_k, on_finish=on_finish)
+        else:
+            r = generate(prompts, sampling, seed_k)
         calls[0] += 1
         out = []
         for i, budget in enumerate(budgets):

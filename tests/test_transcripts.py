@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import copy
 import time
+from typing import ClassVar
 
 import pytest
 import torch
@@ -220,7 +221,7 @@ def scripted(tok, scripts: list[list[str]]):
     log-prob -(its position in the turn + 1) / 10, EOS at the end, cut at the budget."""
     turn_of: dict[int, int] = {}
 
-    def generate(batch, budgets):
+    def generate(batch, budgets, ended=None):
         out = []
         for ids, budget in zip(batch, budgets, strict=True):
             episode = next(k for k, p in enumerate(prompts) if ids[: len(p)] == p)
@@ -484,3 +485,67 @@ def test_rollout_extras_survive_merge_select_and_a_checkpoint(tmp_path):
     assert (s1, v1) == (5, 4) and plain.extras == {}
     assert back.extras.keys() == picked.extras.keys()
     assert all(torch.equal(back.extras[k], picked.extras[k]) for k in picked.extras)
+
+
+class Clocked:
+    """Chatty, recording when each of its steps began."""
+
+    starts: ClassVar[list[float]] = []
+
+    def reset(self, row):
+        return [{"role": "user", "content": row["prompt"]}]
+
+    def step(self, assistant):
+        from rlhf.envs import Step
+
+        Clocked.starts.append(time.perf_counter())
+        return Step([{"role": "user", "content": "go on"}], reward=0.5)
+
+
+def test_the_hf_engine_steps_an_ended_turns_environment_while_the_batch_samples(tiny_path, tok):
+    """The HF decode loop reports each turn as it ends: its environment steps at once, while
+    the batch's slower turns are still sampled; the episodes are the same as when every
+    environment waits for the whole batch (an engine that reports nothing early)."""
+    from actors.rollout import HFBackend
+    from rlhf.config import RolloutConfig, build_config
+    from rlhf.episodes import engine_turns
+    from rlhf.roles import engine_spec
+
+    cfg = build_config(
+        {
+            "algorithm": "ppo",
+            "model": {"name_or_path": str(tiny_path)},
+            "roles": {"reward": {"type": "function", "function": "a:b"}},
+        }
+    )
+    backend = HFBackend(engine_spec(cfg), "cpu")
+    favour_eos_hook(backend.model, tok.eos_token_id, 3.0)
+    settings = RolloutConfig(temperature=1.0, max_new_tokens=24)
+    returned: list[float] = []
+
+    def timed(prompts, s, seed, on_finish=None):
+        out = backend.generate(prompts, s, seed, on_finish=on_finish)
+        returned.append(time.perf_counter())
+        return out
+
+    def batch_only(prompts, s, seed):  # reports nothing early
+        return backend.generate(prompts, s, seed)
+
+    rows = [{"prompt": p} for p in ("Review the film", "Hi", "A long opening line", "Go", "Why")]
+    Clocked.starts = []
+    streamed = run_episodes(
+        [Clocked() for _ in rows], rows, tok, engine_turns(timed, settings, 3, 0), Limits(2, 60)
+    )
+    first_batch_end = returned[0]
+    early = [t for t in Clocked.starts if t < first_batch_end]
+    assert early, "no environment stepped before its turn's batch was sampled"
+    waited = run_episodes(
+        [Clocked() for _ in rows],
+        rows,
+        tok,
+        engine_turns(batch_only, settings, 3, 0),
+        Limits(2, 60),
+    )
+    for a, b in zip(streamed, waited, strict=True):
+        assert a.transcript.ids == b.transcript.ids and a.transcript.logps == b.transcript.logps
+        assert a.end == b.end and a.rewards == b.rewards
