@@ -295,6 +295,11 @@ def sample_episodes(
     limits = Limits(
         1 if single else env_cfg.max_turns, settings.episode_tokens, settings.max_new_tokens
     )
+    if len(prompts.rows) != len(prompts):
+        raise ValueError(
+            f"a prompt batch of {len(prompts)} prompts carries {len(prompts.rows)} rows: episodes "
+            "start from each prompt's row (collate it with rlhf.data's prompt collator)"
+        )
     mask = prompts.attention_mask.bool()
     ids = [row[m].tolist() for row, m in zip(prompts.input_ids, mask, strict=True)]
     rows = [row for row in prompts.rows for _ in range(n)]
