@@ -299,6 +299,30 @@ def test_single_turn_episodes_are_todays_rollouts(tok):
     assert [e.end for e in episodes] == ["answer", "answer"] and r.finish == ["stop", "stop"]
 
 
+def tiny_engine(tiny_path, tok, eos_boost: float):
+    """The HF engine on the tiny model, which rarely ends a turn by itself: +eos_boost on its
+    EOS logit (a hook on the head, so a teacher-forced forward of the same module sees it)."""
+    from actors.rollout import HFBackend
+    from rlhf.config import build_config
+    from rlhf.roles import engine_spec
+
+    cfg = build_config(
+        {
+            "algorithm": "ppo",
+            "model": {"name_or_path": str(tiny_path)},
+            "roles": {"reward": {"type": "function", "function": "a:b"}},
+        }
+    )
+    backend = HFBackend(engine_spec(cfg), "cpu")
+
+    def favour_eos(module, args, logits):
+        logits[..., tok.eos_token_id] += eos_boost
+        return logits
+
+    backend.model.lm_head.register_forward_hook(favour_eos)
+    return backend
+
+
 class Chatty:
     """Answers every turn with a user message, so episodes run to max_turns."""
 
@@ -316,29 +340,12 @@ def test_episodes_on_the_hf_engine_keep_its_tokens_and_log_probs(tiny_path, tok)
     holds exactly the sampled ids, and the engine's log-prob at each generated position equals
     the trainer's teacher-forced log-prob of the assembled sequence there (the tokens trained
     on are the tokens generated); environment ids carry no log-prob and no loss."""
-    from actors.rollout import HFBackend
-    from rlhf.config import RolloutConfig, build_config
+    from rlhf.config import RolloutConfig
     from rlhf.episodes import engine_turns
     from rlhf.objectives import token_logps
-    from rlhf.roles import engine_spec
 
-    cfg = build_config(
-        {
-            "algorithm": "ppo",
-            "model": {"name_or_path": str(tiny_path)},
-            "roles": {"reward": {"type": "function", "function": "a:b"}},
-        }
-    )
-    backend = HFBackend(engine_spec(cfg), "cpu")
-    # The random tiny model rarely ends a turn: +5 on the EOS logit (in the engine and in the
-    # teacher-forced forward alike) makes turns end within a few tokens.
-    eos = tok.eos_token_id
-
-    def favour_eos(module, args, logits):
-        logits[..., eos] += 5.0
-        return logits
-
-    backend.model.lm_head.register_forward_hook(favour_eos)
+    # +5 on the EOS logit, in the engine and in the teacher-forced forward alike
+    backend = tiny_engine(tiny_path, tok, 5.0)
     settings = RolloutConfig(temperature=1.0, max_new_tokens=12)
     turns = engine_turns(backend.generate, settings, seed=7, pad_id=tok.pad_token_id)
     rows = [{"prompt": "Review the film"}, {"prompt": "Hi"}, {"prompt": "A long opening line"}]
@@ -362,16 +369,6 @@ def test_episodes_on_the_hf_engine_keep_its_tokens_and_log_probs(tiny_path, tok)
         assert e.used <= 40 or e.end == "max_tokens"
 
 
-def favour_eos_hook(model, eos: int, boost: float = 5.0) -> None:
-    """The random tiny model rarely ends a turn: +boost on the EOS logit."""
-
-    def hook(module, args, logits):
-        logits[..., eos] += boost
-        return logits
-
-    model.lm_head.register_forward_hook(hook)
-
-
 def prompt_batch(tok, prompts: list, fields: list[dict] | None = None):
     from rlhf.data.collate import PromptCollator
     from rlhf.data.tokenize import PromptFeatures
@@ -388,20 +385,10 @@ def test_single_turn_episodes_reproduce_the_engine_bit_for_bit(tiny_path, tok):
     """The single-turn environment through the episode path gives the engine's own rollout:
     the same prompt ids, sampled ids, masks, log-probs and finish reasons, bit for bit (the
     same seed and batch), for n samples per prompt, rows that stop and rows cut at the limit."""
-    from actors.rollout import HFBackend
-    from rlhf.config import EnvironmentConfig, RolloutConfig, build_config
+    from rlhf.config import EnvironmentConfig, RolloutConfig
     from rlhf.episodes import sample_episodes
-    from rlhf.roles import engine_spec
 
-    cfg = build_config(
-        {
-            "algorithm": "ppo",
-            "model": {"name_or_path": str(tiny_path)},
-            "roles": {"reward": {"type": "function", "function": "a:b"}},
-        }
-    )
-    backend = HFBackend(engine_spec(cfg), "cpu")
-    favour_eos_hook(backend.model, tok.eos_token_id, 4.0)
+    backend = tiny_engine(tiny_path, tok, 4.0)
     batch = prompt_batch(tok, ["Review the film", "Hi", [{"role": "user", "content": "Tell me"}]])
     plain = RolloutConfig(n_samples_per_prompt=3, max_new_tokens=10)
     settings = plain.model_copy(update={"environment": EnvironmentConfig(name="single_turn")})
@@ -506,20 +493,10 @@ def test_the_hf_engine_steps_an_ended_turns_environment_while_the_batch_samples(
     """The HF decode loop reports each turn as it ends: its environment steps at once, while
     the batch's slower turns are still sampled; the episodes are the same as when every
     environment waits for the whole batch (an engine that reports nothing early)."""
-    from actors.rollout import HFBackend
-    from rlhf.config import RolloutConfig, build_config
+    from rlhf.config import RolloutConfig
     from rlhf.episodes import engine_turns
-    from rlhf.roles import engine_spec
 
-    cfg = build_config(
-        {
-            "algorithm": "ppo",
-            "model": {"name_or_path": str(tiny_path)},
-            "roles": {"reward": {"type": "function", "function": "a:b"}},
-        }
-    )
-    backend = HFBackend(engine_spec(cfg), "cpu")
-    favour_eos_hook(backend.model, tok.eos_token_id, 3.0)
+    backend = tiny_engine(tiny_path, tok, 3.0)
     settings = RolloutConfig(temperature=1.0, max_new_tokens=24)
     returned: list[float] = []
 
