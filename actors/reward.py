@@ -5,7 +5,6 @@ rlhf.advantages.shape_scores."""
 
 from __future__ import annotations
 
-import importlib
 import inspect
 import itertools
 import json
@@ -23,7 +22,7 @@ from pathlib import Path
 import torch
 
 from actors.base import RankInfo, Worker
-from rlhf.config import ModelConfig, RewardConfig
+from rlhf.config import ModelConfig, RewardConfig, import_object
 from rlhf.roles import RewardSpec
 from rlhf.verifiers import score_chunk
 
@@ -119,11 +118,7 @@ def write_eval_samples(
 
 
 def _import_function(spec: str) -> Callable:
-    module, _, name = spec.partition(":")
-    try:
-        return getattr(importlib.import_module(module), name)
-    except (ImportError, AttributeError) as err:
-        raise RewardError(f"reward.function={spec!r} cannot be imported: {err}") from None
+    return import_object(spec, "reward.function", RewardError)
 
 
 def function_fields(fn: Callable) -> tuple[tuple[str, ...], bool]:

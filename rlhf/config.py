@@ -25,6 +25,21 @@ class ConfigError(ValueError):
     """A configuration that cannot run; the message names the key and the fix."""
 
 
+def import_object(spec: str, key: str, error: type[Exception] = ConfigError):
+    """What a 'package.module:name' setting (config key `key`) names, imported; `error` (with
+    the key, the reason and the fix) when it cannot be."""
+    import importlib
+
+    module, _, name = spec.partition(":")
+    try:
+        return getattr(importlib.import_module(module), name)
+    except (ImportError, AttributeError) as err:
+        raise error(
+            f"{key}={spec!r} cannot be imported ({err}): give 'package.module:name' of an "
+            "importable module (on the actors' PYTHONPATH too)"
+        ) from None
+
+
 class _Section(BaseModel):
     model_config = ConfigDict(
         frozen=True, extra="forbid", use_attribute_docstrings=True, validate_default=True

@@ -21,7 +21,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
-from rlhf.config import ConfigError
+from rlhf.config import ConfigError, import_object
 
 Messages = list[dict[str, str]]
 
@@ -206,37 +206,26 @@ class EnvConfigError(ConfigError):
     """A roles.rollout.environment setting that cannot be built; the message names the key."""
 
 
-def import_object(spec: str, key: str):
-    """'package.module:name' imported, or an error naming the config key and the fix."""
-    import importlib
-
-    module, _, name = spec.partition(":")
-    try:
-        return getattr(importlib.import_module(module), name)
-    except (ImportError, AttributeError) as err:
-        raise EnvConfigError(
-            f"{key}={spec!r} cannot be imported ({err}): give 'package.module:name' of an "
-            "importable module (on the actors' PYTHONPATH too)"
-        ) from None
-
-
 def import_tools(names: list[str], key: str) -> list[Callable]:
     """'module:function' tools imported, each checked to be a function."""
-    tools = [import_object(name, key) for name in names]
+    tools = [import_object(name, key, EnvConfigError) for name in names]
     for fn in tools:
         if not callable(fn):
             raise EnvConfigError(f"{key}: {fn!r} is not a function")
     return tools
 
 
+def schemas_of(tools: list[Callable], key: str) -> tuple[dict, ...] | None:
+    """The JSON schemas of imported tools (None for none), or an error naming `key`."""
+    try:
+        return tuple(tool_schema(fn) for fn in tools) or None
+    except ValueError as err:
+        raise EnvConfigError(f"{key}: {err}") from None
+
+
 def tool_schemas(names: list[str], key: str) -> tuple[dict, ...] | None:
     """The JSON schemas of 'module:function' tools (None for none), or an error naming `key`."""
-    try:
-        return tuple(tool_schema(fn) for fn in import_tools(names, key)) or None
-    except ValueError as err:
-        if isinstance(err, EnvConfigError):
-            raise
-        raise EnvConfigError(f"{key}: {err}") from None
+    return schemas_of(import_tools(names, key), key)
 
 
 def environment_factory(cfg) -> tuple[Callable[[], Environment], list[dict] | None]:
@@ -244,7 +233,7 @@ def environment_factory(cfg) -> tuple[Callable[[], Environment], list[dict] | No
     template or None) for a roles.rollout.environment section (rlhf.config.EnvironmentConfig)."""
     key = "roles.rollout.environment"
     tools = import_tools(cfg.tools, f"{key}.tools")
-    schemas = tool_schemas(cfg.tools, f"{key}.tools")
+    schemas = schemas_of(tools, f"{key}.tools")
     schemas = list(schemas) if schemas else None
     if cfg.name == "single_turn":
         return SingleTurn, None
@@ -259,7 +248,7 @@ def environment_factory(cfg) -> tuple[Callable[[], Environment], list[dict] | No
             **cfg.args,
         }
     else:
-        cls = import_object(cfg.name, f"{key}.name")
+        cls = import_object(cfg.name, f"{key}.name", EnvConfigError)
         kwargs = dict(cfg.args, **({"tools": tools} if tools else {}))
     try:
         cls(**kwargs)  # built once here, so a wrong argument is said before any episode

@@ -57,7 +57,6 @@ class Limits:
 @dataclass
 class Episode:
     transcript: Transcript
-    prompt_length: int
     end: str = ""
     """answer (the environment said done), truncated (a turn cut at its budget), max_turns,
     max_tokens (no budget left for another turn)."""
@@ -65,6 +64,10 @@ class Episode:
     """Per-turn rewards the environment gave (none: the episode's reward comes from roles.reward)."""
     tool_calls: float = 0.0
     tool_errors: float = 0.0
+
+    @property
+    def prompt_length(self) -> int:
+        return self.transcript.prompt_length
 
     @property
     def used(self) -> int:
@@ -108,8 +111,11 @@ def run_episodes(
     `prompt_ids`: each row's prompt as the data pipeline tokenised it (see first_transcript)."""
     episodes = []
     for k, (env, row) in enumerate(zip(envs, rows, strict=True)):
-        t = first_transcript(env, row, tokenizer, tools, prompt_ids[k] if prompt_ids else None)
-        episodes.append(Episode(t, len(t.ids)))
+        episodes.append(
+            Episode(
+                first_transcript(env, row, tokenizer, tools, prompt_ids[k] if prompt_ids else None)
+            )
+        )
     running = list(range(len(episodes)))
     with ThreadPoolExecutor(max_workers=8, thread_name_prefix="env") as pool:
         while running:
@@ -256,14 +262,14 @@ def to_rollout(
     An environment turn that ended an episode (no turn of the model after it) is left out:
     nothing after it is trained."""
     prompts = [e.transcript.ids[: e.prompt_length] for e in episodes]
-    ends = [e.transcript.turn_spans[-1][1] for e in episodes]
-    rest = [e.transcript.ids[e.prompt_length : end] for e, end in zip(episodes, ends, strict=True)]
-    masks = [
-        e.transcript.mask[e.prompt_length : end] for e, end in zip(episodes, ends, strict=True)
-    ]
-    logps = [
-        e.transcript.logps[e.prompt_length : end] for e, end in zip(episodes, ends, strict=True)
-    ]
+
+    def response(name: str) -> list[list]:  # from the prompt's end to the last turn's
+        return [
+            getattr(e.transcript, name)[e.prompt_length : e.transcript.turn_spans[-1][1]]
+            for e in episodes
+        ]
+
+    rest, masks, logps = response("ids"), response("mask"), response("logps")
     return Rollout(
         pad(prompts, pad_id, left=True),
         pad([[True] * len(p) for p in prompts], False, left=True, dtype=torch.bool),
@@ -289,11 +295,9 @@ def sample_episodes(
     (each with its own environment), turns sampled by the backend's `generate` (engine_turns),
     the rollout with each row's counts in extras. With the single-turn environment this is
     the engine's own rollout, token for token (the first turn gets the same seed and batch)."""
-    env_cfg = settings.environment
     n = settings.n_samples_per_prompt
-    single = env_cfg is None or env_cfg.name == "single_turn"
     limits = Limits(
-        1 if single else env_cfg.max_turns, settings.episode_tokens, settings.max_new_tokens
+        settings.environment.max_turns, settings.episode_tokens, settings.max_new_tokens
     )
     if len(prompts.rows) != len(prompts):
         raise ValueError(
