@@ -186,3 +186,24 @@ def test_a_chat_template_that_is_not_there_is_an_error(tiny_path, value, message
 
     with pytest.raises(ConfigError, match=message):
         load_tokenizer(ModelConfig(name_or_path=str(tiny_path), chat_template=value))
+
+
+def test_rlhf_check_builds_the_environment(capsys):
+    """`rlhf check` builds the environment once: a tool that does not import is one error
+    naming the key, before any run."""
+    from launch.check import run_check
+
+    base = [
+        "model.name_or_path=builtin:tiny",
+        "data.max_length=1024",
+        "data.max_prompt_length=900",
+        "data.train.limit=4",
+    ]
+    run_check(load_config("launch/quickstart_tools/grpo.yaml", base))
+    assert "-- environment: tools (tools: rlhf.tools:calculator)" in capsys.readouterr().out
+    bad = load_config(
+        "launch/quickstart_tools/grpo.yaml",
+        [*base, "roles.rollout.environment.tools=[nowhere:calc]"],
+    )
+    with pytest.raises(ConfigError, match=r"roles.rollout.environment.tools='nowhere:calc'"):
+        run_check(bad)

@@ -205,3 +205,28 @@ def test_eval_pass_at_k_of_a_verifiable_reward_with_its_samples(tmp_path):
     for k in (1, 2, 3):
         want = sum(1 - math.comb(3 - sum(v), k) / math.comb(3, k) for v in by_prompt.values()) / 4
         assert got[f"pass@{k}"] == pytest.approx(want)
+
+
+def test_eval_runs_episodes_with_an_environment(tmp_path):
+    """`rlhf eval` with roles.rollout.environment (the tool-use quickstart's GRPO stage, tiny
+    model): every sample is an episode; the report has the episodes' counts, and each written
+    sample has its whole episode beside the answer the reward read."""
+    report, samples = tmp_path / "eval.json", tmp_path / "samples.jsonl"
+    args = [
+        "eval",
+        "launch/quickstart_tools/grpo.yaml",
+        "model.name_or_path=builtin:tiny",
+        "data.max_length=1024",
+        "data.max_prompt_length=900",
+        "roles.rollout.max_new_tokens=8",
+        f"output_dir={tmp_path}/o",
+    ]
+    assert main([*args, "--limit", "3", "--json", str(report), "--samples", str(samples)]) == 0
+    got = json.loads(report.read_text())
+    lines = [json.loads(x) for x in samples.read_text().splitlines()]
+    assert got["rows"] == len(lines) == 6
+    for key in ("turns", "tool_calls", "tool_error_rate", "truncated", "retokenize_mismatch"):
+        assert f"rollout/{key}" in got, key
+    assert all("episode" in s for s in lines) and got["rollout/turns"] >= 1.0
+    cut = sum(not s["episode"].endswith("<|im_end|>") for s in lines) / len(lines)
+    assert got["rollout/truncated"] == pytest.approx(cut)
